@@ -8,7 +8,7 @@ the section of ``FACTS.md`` or of the paper (Curti et al. 2020, MNRAS 492, 821;
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 
 from astropy.cosmology import FlatLambdaCDM
 
@@ -232,7 +232,7 @@ def band_of(instrument: str, band: str) -> Band:
     return INSTRUMENTS[instrument].bands[band]
 
 
-@lru_cache(maxsize=None)
+@cache
 def lines_in_range(wave_min_um: float, wave_max_um: float, redshift: float,
                    names: tuple[str, ...] | None = None) -> tuple[str, ...]:
     """Names of catalogue lines whose observed wavelength falls in ``[wave_min, wave_max]`` micron.
