@@ -1,0 +1,181 @@
+"""The ``klever-nb`` command line (DESIGN.md "Command line").
+
+User errors (:class:`klever_nb.errors.KleverError`) print one line to stderr and
+exit with status 2, never a traceback; an unexpected failure is a bug and keeps
+its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+from klever_nb import __version__
+from klever_nb.errors import KleverError
+
+EXIT_USER_ERROR = 2
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="build the embedded mock sample and run every stage on it",
+                       description="Write the embedded mock galaxies (a lensed z~1.4 and an "
+                       "unlensed z~2.2 galaxy, ...) and run every stage on each.")
+    p.add_argument("--out", type=Path, default=Path("demo_output"),
+                   help="output folder (default: demo_output)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the mocks (default 0)")
+    p.add_argument("--force", action="store_true", help="rerun stages even if up to date")
+
+
+def _add_mock(sub) -> None:
+    p = sub.add_parser("mock", help="write mock galaxies (cubes, lens maps, TOML, truth.json)",
+                       description="Write deterministic synthetic KMOS galaxies with known "
+                       "truth: FITS cubes, deflection maps, galaxy.toml, truth.json, sample.toml.")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+
+
+def _add_run(sub) -> None:
+    p = sub.add_parser("run", help="run every stage on one galaxy",
+                       description="Fit the lines, reconstruct the source plane, derive the "
+                       "metallicity map and the gradient of one galaxy; products go to "
+                       "OUT/<name>/.")
+    p.add_argument("galaxy", type=Path, help="galaxy TOML file")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--force", action="store_true", help="rerun stages even if up to date")
+
+
+def _add_fit(sub) -> None:
+    p = sub.add_parser("fit", help="fit the emission lines of any one IFU cube",
+                       description="Fit the emission lines of one IFU cube (KMOS, SINFONI, "
+                       "MUSE, JWST s3d, IRAF-style, MaNGA-style or a bare cube); writes "
+                       "OUT/<cube stem>/line_maps.nc and summary.json.")
+    p.add_argument("cube", type=Path, help="FITS cube")
+    p.add_argument("--redshift", type=float, required=True, help="source redshift (>= 0)")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--lines", default=None,
+                   help="comma-separated line names (default: every catalogue line in the cube)")
+    p.add_argument("--noise-kind", choices=["sigma", "variance", "inverse_variance"],
+                   default=None, help="what the noise extension holds (default: from its name)")
+    p.add_argument("--wavelength-medium", choices=["air", "vacuum"], default=None,
+                   help="medium of the wavelength axis when the header does not say")
+    p.add_argument("--resolving-power", type=float, default=None,
+                   help="instrumental R (default: known per instrument and band)")
+    p.add_argument("--smooth-fwhm", type=float, default=0.0,
+                   help="spatial Gaussian smoothing FWHM in arcsec (default 0)")
+    p.add_argument("--ifu", type=int, default=None, help="IFU number of a KMOS per-exposure file")
+
+
+def _add_sample(sub) -> None:
+    p = sub.add_parser("sample", help="run many galaxies (resumes; dask scheduler optional)",
+                       description="Run every galaxy of a sample TOML file; galaxies whose "
+                       "products are up to date are skipped.")
+    p.add_argument("sample", type=Path, help="sample TOML file")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--scheduler", default=None,
+                   help="dask scheduler address, or 'local' for a local cluster "
+                   "(default: run in this process)")
+    p.add_argument("--force", action="store_true", help="rerun stages even if up to date")
+
+
+def _add_lab(sub) -> None:
+    sub.add_parser("lab", help="open the notebooks in JupyterLab",
+                   description="Start JupyterLab in the notebooks folder of this checkout.")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``klever-nb`` (every sub-command has ``--help``)."""
+    parser = argparse.ArgumentParser(
+        prog="klever-nb",
+        description="KMOS/SINFONI cubes of lensed galaxies -> line maps, source plane, "
+        "metallicity maps and gradients (Curti et al. 2020).")
+    parser.add_argument("--version", action="version", version=f"klever_nb {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_demo, _add_mock, _add_run, _add_fit, _add_sample, _add_lab):
+        add(sub)
+    return parser
+
+
+def _cmd_demo(args) -> int:
+    from klever_nb import mock, pipeline
+
+    sample = mock.write_demo_sample(args.out / "inputs", seed=args.seed)
+    results = pipeline.run_sample(sample, args.out / "products", force=args.force)
+    print(f"demo inputs:   {(args.out / 'inputs').resolve()}")
+    print(f"demo products: {(args.out / 'products').resolve()}")
+    for name, summary_path in results.items():
+        print(f"  {name}: {summary_path}")
+    return 0
+
+
+def _cmd_mock(args) -> int:
+    from klever_nb import mock
+
+    sample = mock.write_demo_sample(args.out, seed=args.seed)
+    print(f"mock galaxies written; sample file: {sample}")
+    return 0
+
+
+def _cmd_run(args) -> int:
+    from klever_nb import pipeline
+
+    summary_path = pipeline.run_galaxy(args.galaxy, args.out, force=args.force)
+    print(f"products: {summary_path.parent}")
+    return 0
+
+
+def _cmd_fit(args) -> int:
+    from klever_nb import pipeline
+
+    lines = tuple(s.strip() for s in args.lines.split(",")) if args.lines else None
+    out = pipeline.fit_single_cube(
+        args.cube, redshift=args.redshift, out_dir=args.out, lines=lines,
+        noise_kind=args.noise_kind, wavelength_medium=args.wavelength_medium,
+        resolving_power=args.resolving_power, smooth_fwhm_arcsec=args.smooth_fwhm,
+        ifu=args.ifu)
+    print(f"line maps: {out / 'line_maps.nc'}")
+    print(f"summary:   {out / 'summary.json'}")
+    return 0
+
+
+def _cmd_sample(args) -> int:
+    from klever_nb import pipeline
+
+    results = pipeline.run_sample(args.sample, args.out, force=args.force,
+                                  scheduler=args.scheduler)
+    print(f"{len(results)} galaxies; products in {args.out.resolve()}")
+    return 0
+
+
+def _cmd_lab(args) -> int:
+    notebooks = Path(__file__).resolve().parents[1] / "notebooks"
+    if not notebooks.is_dir():
+        raise KleverError(f"{notebooks}: notebooks folder not found (klever-nb lab needs a "
+                          "source checkout)")
+    return subprocess.call([sys.executable, "-m", "jupyter", "lab", f"--notebook-dir={notebooks}"])
+
+
+COMMANDS = {"demo": _cmd_demo, "mock": _cmd_mock, "run": _cmd_run, "fit": _cmd_fit,
+            "sample": _cmd_sample, "lab": _cmd_lab}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``klever-nb``; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    if not os.environ.get("KLEVER_NB_SHOW_WARNINGS"):
+        warnings.filterwarnings("ignore", category=RuntimeWarning)
+    try:
+        return COMMANDS[args.command](args)
+    except KleverError as err:
+        print(f"klever-nb {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print(f"klever-nb {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

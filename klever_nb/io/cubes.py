@@ -1,0 +1,838 @@
+"""Read any IFU cube (KMOS, SINFONI, MUSE, JWST, IRAF/GMOS, MaNGA, bare) into the cube Dataset.
+
+``open_cube(path)`` recognises the common layouts from the HDU names and headers
+and always returns the data model of DESIGN.md: ``flux`` and ``noise`` (1σ) on
+``(wave, y, x)``, ``wave`` in vacuum micron (observed frame), masks as NaN,
+units exact from BUNIT, the celestial WCS and the pixel scale in attrs.
+
+Layouts (first match wins; names are case-insensitive):
+
+=====================  ===================================  ===========================
+layout                 data / noise / mask HDUs             noise default
+=====================  ===================================  ===========================
+KMOS per-exposure      ``IFU.<n>.DATA`` / ``IFU.<n>.NOISE``  sigma
+KMOS combined          ``DATA`` or ``*.DATA`` / ``NOISE``    sigma
+MUSE                   ``DATA`` / ``STAT`` / ``FIELDMAP``    variance
+JWST s3d               ``SCI`` / ``ERR`` / ``DQ``            sigma
+IRAF-style (GMOS)      ``SCI`` / ``ERR`` or ``VAR`` / ``MASK``  sigma / variance
+MaNGA                  ``FLUX`` / ``IVAR`` / ``MASK``, ``WAVE``  inverse variance
+SINFONI / bare         primary (or first 3-D) HDU           estimated from the data
+=====================  ===================================  ===========================
+
+References
+----------
+DESIGN.md "Data model" and "Input files"; FACTS.md §6 (air/vacuum) and §8 (KMOS/SINFONI
+format); issues 3 and 12.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import astropy.units as u
+import numpy as np
+import xarray as xr
+from astropy.io import fits
+from astropy.wcs import WCS, FITSFixedWarning
+from astropy.wcs.utils import proj_plane_pixel_area
+from scipy.ndimage import median_filter
+
+from klever_nb.constants import INSTRUMENTS
+from klever_nb.errors import ConfigError, InputError
+
+__all__ = [
+    "NOISE_KINDS",
+    "WAVELENGTH_MEDIA",
+    "WavelengthMediumWarning",
+    "air_to_vacuum",
+    "open_cube",
+    "vacuum_to_air",
+]
+
+#: Accepted values of ``noise_kind``.
+NOISE_KINDS = ("sigma", "variance", "inverse_variance")
+#: Accepted values of ``wavelength_medium``.
+WAVELENGTH_MEDIA = ("vacuum", "air")
+
+#: Extension names (after any ``IFU.<n>.``/``<prefix>.`` prefix) and what they hold.
+_NOISE_NAMES = {
+    "NOISE": "sigma", "ERR": "sigma", "ERROR": "sigma", "SIGMA": "sigma", "STDDEV": "sigma",
+    "STAT": "variance", "VAR": "variance", "VARIANCE": "variance",
+    "IVAR": "inverse_variance", "INVVAR": "inverse_variance",
+}
+_MASK_NAMES = ("MASK", "DQ", "BADPIX", "QUALITY", "FIELDMAP")
+_DATA_NAMES = ("DATA", "SCI", "FLUX")
+_WAVE_TABLE_NAMES = ("WAVE", "WAVELENGTH", "LAMBDA")
+
+#: Canonical instrument names, keyed by what INSTRUME may contain.
+_INSTRUMENT_NAMES = {
+    "KMOS": "KMOS", "SINFONI": "SINFONI", "MUSE": "MUSE", "NIRSPEC": "NIRSpec",
+    "MIRI": "MIRI", "GMOS": "GMOS", "MANGA": "MaNGA",
+}
+
+#: CTYPE3 values (first 4 characters for the standard ones) that mean wavelength.
+_CTYPE_MEDIUM = {"WAVE": "vacuum", "AWAV": "air"}
+_CTYPE_NONSTANDARD = ("LAMBDA", "LINEAR", "WAVELENGTH", "WAVELEN", "LAMBDA_AIR", "SPECTRAL")
+
+#: Cubes whose medium is not stated are assumed vacuum from this wavelength on (issue 12).
+_VACUUM_FROM_UM = 1.0
+
+#: Target units of JWST-like f_nu surface brightness cubes.
+_FLAMBDA_SB = u.erg / u.s / u.cm**2 / u.AA / u.arcsec**2
+_FLAMBDA = u.erg / u.s / u.cm**2 / u.AA
+
+
+class WavelengthMediumWarning(UserWarning):
+    """The cube's header does not say whether its wavelengths are in air or in vacuum."""
+
+
+# ---------------------------------------------------------------------------
+# Air <-> vacuum (IAU standard)
+# ---------------------------------------------------------------------------
+def _refractive_index_minus_one(wave_vac_um: np.ndarray) -> np.ndarray:
+    """n - 1 of standard dry air (15 °C, 101 325 Pa, 450 ppm CO2) at vacuum wavelength (µm)."""
+    s2 = (1.0 / wave_vac_um) ** 2  # vacuum wavenumber squared, µm^-2
+    return 8.34254e-5 + 2.406147e-2 / (130.0 - s2) + 1.5998e-4 / (38.9 - s2)
+
+
+def vacuum_to_air(wave_um) -> np.ndarray:
+    """Convert vacuum wavelengths (µm) to standard air, IAU standard.
+
+    Parameters
+    ----------
+    wave_um : array_like
+        Vacuum wavelengths in micron (valid above ~0.2 µm).
+
+    Returns
+    -------
+    numpy.ndarray
+        Air wavelengths in micron, ``wave_vac / n(wave_vac)``.
+
+    References
+    ----------
+    Morton 2000 (ApJS 130, 403) eq. 8, the IAU standard, which uses the Ciddor 1996
+    (Appl. Opt. 35, 1566) refractive index of standard air; FACTS.md §6.
+
+    Examples
+    --------
+    >>> round(float(vacuum_to_air(0.656461)) * 1e4, 2)
+    6562.8
+    """
+    wave = np.asarray(wave_um, dtype=np.float64)
+    return wave / (1.0 + _refractive_index_minus_one(wave))
+
+
+def air_to_vacuum(wave_um) -> np.ndarray:
+    """Convert standard-air wavelengths (µm) to vacuum, IAU standard.
+
+    The exact inverse of :func:`vacuum_to_air`: ``wave_vac = wave_air · n(wave_vac)``,
+    solved by fixed-point iteration (converged to machine precision in four steps,
+    since dn/dλ is tiny).
+
+    Parameters
+    ----------
+    wave_um : array_like
+        Air wavelengths in micron.
+
+    Returns
+    -------
+    numpy.ndarray
+        Vacuum wavelengths in micron.
+
+    References
+    ----------
+    Morton 2000 (ApJS 130, 403) eq. 8 with the Ciddor 1996 index (IAU standard);
+    FACTS.md §6 (Hα 6562.80 Å air = 6564.61 Å vacuum; +6.0 Å at 2.2 µm).
+
+    Examples
+    --------
+    >>> round(float(air_to_vacuum(0.656280)) * 1e4, 2)
+    6564.61
+    """
+    air = np.asarray(wave_um, dtype=np.float64)
+    vac = air * (1.0 + _refractive_index_minus_one(air))
+    for _ in range(4):
+        vac = air * (1.0 + _refractive_index_minus_one(vac))
+    return vac
+
+
+# ---------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _input_error(path, hdu, key, problem: str, fix: str) -> InputError:
+    where = f"{path}"
+    if hdu is not None:
+        where += f", HDU '{hdu}'"
+    if key is not None:
+        where += f", key {key}"
+    return InputError(_one_line(f"{where}: {problem}; {fix}"))
+
+
+# ---------------------------------------------------------------------------
+# Opening the file and finding the HDUs
+# ---------------------------------------------------------------------------
+def _open_fits(path: Path) -> fits.HDUList:
+    if not path.exists():
+        raise _input_error(path, None, None, "file not found", "check the path")
+    if path.is_dir():
+        raise _input_error(path, None, None, "is a folder, not a FITS file", "give the cube file")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            hdul = fits.open(path, memmap=False, lazy_load_hdus=False)
+        except Exception as exc:  # astropy raises OSError, ValueError, TypeError...
+            raise _input_error(path, None, None, f"not a readable FITS file ({exc})",
+                               "give a FITS cube (re-download it if it was truncated)") from exc
+    for w in caught:
+        if "truncated" in str(w.message).lower():
+            hdul.close()
+            raise _input_error(path, None, None, f"truncated FITS file ({w.message})",
+                               "re-download or re-write the file")
+    return hdul
+
+
+def _hdu_name(hdul: fits.HDUList, index: int) -> str:
+    name = hdul[index].name.strip().upper()
+    return name or ("PRIMARY" if index == 0 else str(index))
+
+
+def _is_cube(hdu) -> bool:
+    return (isinstance(hdu, fits.PrimaryHDU | fits.ImageHDU | fits.CompImageHDU)
+            and hdu.header.get("NAXIS", 0) == 3 and hdu.data is not None)
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where the pieces of a cube live in its FITS file."""
+
+    name: str
+    data: int
+    noise: int | None
+    noise_kind: str | None
+    mask: int | None
+    wave_table: int | None
+    instrument_hint: str
+    ifu: int | None = None
+
+
+def _find(names: list[str], wanted: str) -> int | None:
+    return names.index(wanted) if wanted in names else None
+
+
+def _companions(names: list[str], prefix: str) -> tuple[int | None, str | None, int | None]:
+    """Noise HDU (and its default kind) and mask HDU beside a data HDU named ``prefix + DATA``."""
+    noise = kind = mask = None
+    for candidate, candidate_kind in _NOISE_NAMES.items():
+        index = _find(names, prefix + candidate)
+        if index is not None:
+            noise, kind = index, candidate_kind
+            break
+    for candidate in _MASK_NAMES:
+        index = _find(names, prefix + candidate)
+        if index is not None:
+            mask = index
+            break
+    return noise, kind, mask
+
+
+def _kmos_ifu_layout(path, hdul, names, ifu) -> _Layout | None:
+    ifu_hdus = {}
+    for index, name in enumerate(names):
+        match = re.fullmatch(r"IFU\.(\d+)\.DATA", name)
+        if match:
+            ifu_hdus[int(match.group(1))] = index
+    if not ifu_hdus:
+        return None
+    with_data = sorted(n for n, index in ifu_hdus.items() if _is_cube(hdul[index]))
+    listed = ", ".join(map(str, with_data)) or "none"
+    if ifu is None:
+        if len(with_data) != 1:
+            problem = (f"per-exposure KMOS file with {len(with_data)} IFUs holding data "
+                       f"({listed})")
+            raise _input_error(path, None, "ifu", problem, "choose one with ifu=N (--ifu N)")
+        ifu = with_data[0]
+    try:
+        ifu = int(ifu)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(_one_line(f"{path}: ifu={ifu!r} is not an integer; "
+                                    f"IFUs with data: {listed}")) from exc
+    if ifu not in ifu_hdus:
+        raise _input_error(path, f"IFU.{ifu}.DATA", "ifu", f"IFU {ifu} is not in the file",
+                           f"choose one of the IFUs with data: {listed}")
+    if ifu not in with_data:
+        raise _input_error(path, f"IFU.{ifu}.DATA", "ifu", f"IFU {ifu} is empty (disabled)",
+                           f"choose one of the IFUs with data: {listed}")
+    noise, kind, mask = _companions(names, f"IFU.{ifu}.")
+    return _Layout("KMOS per-exposure", ifu_hdus[ifu], noise, kind, mask, None, "KMOS", ifu)
+
+
+def _find_layout(path: Path, hdul: fits.HDUList, ifu) -> _Layout:
+    names = [_hdu_name(hdul, i) for i in range(len(hdul))]
+    layout = _kmos_ifu_layout(path, hdul, names, ifu)
+    if layout is not None:
+        return layout
+    wave_table = next((i for i, n in enumerate(names) if n in _WAVE_TABLE_NAMES), None)
+    for index, name in enumerate(names):
+        prefix = ""
+        if name in _DATA_NAMES:
+            stem = name
+        elif name.endswith(".DATA"):
+            stem, prefix = "DATA", name[: -len("DATA")]
+        else:
+            continue
+        noise, kind, mask = _companions(names, prefix)
+        if noise is None and prefix:
+            noise, kind, mask2 = _companions(names, "")
+            mask = mask if mask is not None else mask2
+        hint = {"DATA": "KMOS" if kind == "sigma" else ("MUSE" if kind == "variance" else ""),
+                "SCI": "", "FLUX": "MaNGA" if kind == "inverse_variance" else ""}[stem]
+        layout_name = {"DATA": "DATA/NOISE", "SCI": "SCI/ERR", "FLUX": "FLUX/IVAR"}[stem]
+        return _Layout(layout_name, index, noise, kind, mask, wave_table, hint)
+    cubes = [i for i in range(len(hdul)) if _is_cube(hdul[i])]
+    if not cubes:
+        listed = ", ".join(f"{n}(NAXIS={hdul[i].header.get('NAXIS', 0)})"
+                           for i, n in enumerate(names))
+        raise _input_error(path, None, "NAXIS", f"no 3-D image HDU found among {listed}",
+                           "give an IFU cube (NAXIS = 3)")
+    data = cubes[0]
+    noise, kind, mask = _companions(names, "")
+    return _Layout("bare", data, noise, kind, mask, wave_table, "")
+
+
+# ---------------------------------------------------------------------------
+# Header look-ups: instrument, band
+# ---------------------------------------------------------------------------
+def _get(headers, key, default=None):
+    for header in headers:
+        if key in header and header[key] not in (None, ""):
+            return header[key]
+    return default
+
+
+def _instrument_from_headers(headers, hint: str) -> str:
+    text = " ".join(str(_get(headers, key, "")) for key in ("INSTRUME", "TELESCOP", "SURVEY"))
+    text = text.upper()
+    if "MANGAID" in " ".join(k.upper() for h in headers for k in h):
+        text += " MANGA"
+    for key, name in _INSTRUMENT_NAMES.items():
+        if key in text:
+            return name
+    return hint or "unknown"
+
+
+def _canonical_instrument(instrument: str) -> str:
+    return _INSTRUMENT_NAMES.get(instrument.strip().upper(), instrument.strip())
+
+
+def _band_from_headers(headers) -> str:
+    for key in ("HIERARCH ESO INS GRAT1 ID", "HIERARCH ESO INS GRAT1 NAME",
+                "HIERARCH ESO INS FILT1 NAME", "HIERARCH ESO INS FILT1 ID"):
+        value = _get(headers, key)
+        if value is not None:
+            return str(value).strip().upper().replace("+", "")
+    grating, filt = _get(headers, "GRATING"), _get(headers, "FILTER")  # JWST NIRSpec
+    if grating and str(grating).upper() not in ("N/A", "NONE"):
+        return "/".join(str(v).strip() for v in (grating, filt) if v and str(v) != "N/A")
+    channel, band = _get(headers, "CHANNEL"), _get(headers, "BAND")  # JWST MIRI
+    if channel and band:
+        return f"ch{str(channel).strip()}-{str(band).strip().lower()}"
+    return ""
+
+
+def _band_from_range(instrument: str, wave_um: np.ndarray) -> str:
+    """The band of ``instrument`` that holds ≥ 90 % of the cube's range (best overlap/union)."""
+    if instrument not in INSTRUMENTS or wave_um.size < 2:
+        return ""
+    lo, hi = float(np.nanmin(wave_um)), float(np.nanmax(wave_um))
+    best, best_score = "", -1.0
+    for name, band in INSTRUMENTS[instrument].bands.items():
+        overlap = min(hi, band.wave_max) - max(lo, band.wave_min)
+        union = max(hi, band.wave_max) - min(lo, band.wave_min)
+        if overlap < 0.9 * (hi - lo):
+            continue
+        if overlap / union > best_score:
+            best, best_score = name, overlap / union
+    return best
+
+
+def _resolving_power(instrument: str, band: str) -> float:
+    bands = INSTRUMENTS[instrument].bands if instrument in INSTRUMENTS else {}
+    return float(bands[band].resolving_power) if band in bands else float("nan")
+
+
+# ---------------------------------------------------------------------------
+# Wavelength axis
+# ---------------------------------------------------------------------------
+def _quiet_wcs(header, **kwargs) -> WCS:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FITSFixedWarning)
+        return WCS(header, **kwargs)
+
+
+def _assumed_unit(path, hdu_name, header, key: str, values) -> u.UnitBase:
+    """Unit of a wavelength axis from ``key``; IRAF convention (Å) when absent."""
+    text = str(header.get(key, "") or "").strip()
+    if text:
+        try:
+            unit = u.Unit(text, parse_strict="raise")
+        except ValueError as exc:
+            raise _input_error(path, hdu_name, key, f"wavelength unit {text!r} is not a unit "
+                               "astropy can parse", "fix the keyword (e.g. 'um' or 'Angstrom')"
+                               ) from exc
+        if unit.physical_type != "length":
+            raise _input_error(path, hdu_name, key, f"spectral unit {text!r} is not a length",
+                               "only wavelength axes are supported")
+        return unit
+    typical = float(np.nanmedian(np.abs(values)))
+    return u.AA if typical > 100.0 else u.um
+
+
+def _spectral_step(header) -> float:
+    """Step of axis 3 per pixel: CD3_3, else PC3_3 × CDELT3, else CDELT3 (FITS WCS paper I)."""
+    if "CD3_3" in header:
+        return float(header["CD3_3"])
+    return float(header.get("PC3_3", 1.0)) * float(header.get("CDELT3", 1.0))
+
+
+def _wave_from_header(path, hdu_name, header, n_wave: int) -> tuple[np.ndarray, str | None, str]:
+    """Wavelengths (µm, file medium), the medium the header states (or None), and CTYPE3."""
+    ctype = str(header.get("CTYPE3", "") or "").strip().upper()
+    if not ctype:
+        raise _input_error(path, hdu_name, "CTYPE3", "no spectral axis (CTYPE3 missing)",
+                           "add CTYPE3 = 'WAVE' (vacuum) or 'AWAV' (air) with CRVAL3/CDELT3/CUNIT3")
+    code, _, algorithm = ctype.partition("-")
+    algorithm = algorithm.strip("-")
+    if code in _CTYPE_MEDIUM and algorithm in ("", "LOG"):
+        medium, spectral_ctype = _CTYPE_MEDIUM[code], f"WAVE-{algorithm}" if algorithm else "WAVE"
+        unit_text = str(header.get("CUNIT3", "") or "m")
+    elif ctype in _CTYPE_NONSTANDARD:
+        medium, spectral_ctype = None, "WAVE"
+        unit_text = _assumed_unit(path, hdu_name, header, "CUNIT3",
+                                  np.atleast_1d(header.get("CRVAL3", 1.0))).to_string("fits")
+    else:
+        raise _input_error(path, hdu_name, "CTYPE3", f"axis 3 is {ctype!r}, not a wavelength",
+                           "only wavelength axes (WAVE, AWAV, WAVE-LOG, LAMBDA) are supported")
+    spectral_header = {"NAXIS": 1, "NAXIS1": n_wave, "CTYPE1": spectral_ctype,
+                       "CUNIT1": unit_text, "CRVAL1": header.get("CRVAL3", 0.0),
+                       "CRPIX1": header.get("CRPIX3", 1.0), "CDELT1": _spectral_step(header)}
+    try:
+        spectral = _quiet_wcs(fits.Header(spectral_header))
+        spectral.wcs.set()
+        native = spectral.all_pix2world(np.arange(n_wave, dtype=np.float64), 0)[0]
+        wave_um = (native * u.Unit(spectral.wcs.cunit[0])).to_value(u.um)
+    except Exception as exc:  # wcslib and unit errors are many and varied
+        raise _input_error(path, hdu_name, "CRVAL3/CDELT3/CUNIT3", f"cannot compute the "
+                           f"wavelength axis ({exc})", "check the spectral WCS keywords") from exc
+    if not np.all(np.isfinite(wave_um)) or np.any(wave_um <= 0):
+        raise _input_error(path, hdu_name, "CRVAL3/CDELT3", "wavelength axis has non-positive "
+                           "or non-finite values", "check the spectral WCS keywords")
+    return wave_um, medium, ctype
+
+
+def _wave_from_table(path, hdul, index: int, n_wave: int) -> np.ndarray:
+    hdu = hdul[index]
+    name = _hdu_name(hdul, index)
+    if isinstance(hdu, fits.BinTableHDU | fits.TableHDU):
+        columns = {c.name.upper(): c for c in hdu.columns}
+        column = next((columns[c] for c in _WAVE_TABLE_NAMES if c in columns), None)
+        if column is None:
+            raise _input_error(path, name, "TTYPE", "wavelength table has no WAVE column",
+                               "name the column WAVE")
+        values = np.asarray(hdu.data[column.name], dtype=np.float64).ravel()
+        unit = _assumed_unit(path, name, {"TUNIT": column.unit or ""}, "TUNIT", values)
+    else:
+        values = np.asarray(hdu.data, dtype=np.float64).ravel()
+        key = "CUNIT1" if "CUNIT1" in hdu.header else "BUNIT"
+        unit = _assumed_unit(path, name, hdu.header, key, values)
+    if values.size != n_wave:
+        raise _input_error(path, name, "NAXIS1", f"wavelength table has {values.size} values "
+                           f"but the cube has {n_wave} channels", "give the matching table")
+    return (values * unit).to_value(u.um)
+
+
+# ---------------------------------------------------------------------------
+# Units
+# ---------------------------------------------------------------------------
+_UNIT_TOKENS = {"A": "Angstrom", "Ang": "Angstrom", "ANGSTROM": "Angstrom", "ADU": "adu",
+                "counts": "count", "COUNTS": "count", "spaxel": "pix", "SPAXEL": "pix",
+                "pixel": "pix", "PIXEL": "pix"}
+
+
+def _parse_unit(text: str) -> u.UnitBase:
+    """BUNIT → astropy unit; tolerates 'A'/'Ang' for Ångström, 'ADU', 'counts', 'spaxel'."""
+    text = text.strip()
+    if not text:
+        return u.dimensionless_unscaled
+    tolerant = re.sub(r"[A-Za-z]+", lambda m: _UNIT_TOKENS.get(m.group(0), m.group(0)), text)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", u.UnitsWarning)
+        for attempt, candidate in enumerate((text, tolerant)):
+            for fmt in ("fits", "generic"):
+                try:
+                    unit = u.Unit(candidate.replace("^", "**") if fmt == "generic" else candidate,
+                                  format=fmt, parse_strict="raise")
+                except ValueError:
+                    continue
+                if attempt == 0 and candidate != tolerant and u.A in unit.decompose().bases:
+                    break  # 'A' read as Ampere: try the Ångström reading
+                return unit
+    raise ValueError(f"astropy cannot parse {text!r}")
+
+
+def _flux_unit(path, hdu_name, header, primary) -> tuple[u.UnitBase, str]:
+    original = str(_get([header, primary], "BUNIT", "") or "").strip()
+    try:
+        return _parse_unit(original), original
+    except ValueError as exc:
+        raise _input_error(path, hdu_name, "BUNIT", f"flux unit {original!r} is not a unit "
+                           "astropy can parse", "fix BUNIT (e.g. '1e-20 erg/s/cm2/Angstrom')"
+                           ) from exc
+
+
+def _fnu_to_flambda(unit: u.UnitBase, wave_um: np.ndarray):
+    """Per-channel factors turning an f_ν (surface brightness) unit into F_λ; None if not f_ν."""
+    for per_area, target in ((u.arcsec**2, _FLAMBDA_SB), (u.dimensionless_unscaled, _FLAMBDA)):
+        if (unit * per_area).is_equivalent(u.Jy):
+            factor = (1.0 * unit * per_area).to(_FLAMBDA, equivalencies=u.spectral_density(
+                wave_um * u.um)).value
+            return np.asarray(factor, dtype=np.float64), target
+    return None, unit
+
+
+# ---------------------------------------------------------------------------
+# Noise and masks
+# ---------------------------------------------------------------------------
+def _noise_to_sigma(values: np.ndarray, kind: str) -> np.ndarray:
+    good = np.isfinite(values) & (values > 0)
+    out = np.full(values.shape, np.nan)
+    if kind == "sigma":
+        out[good] = values[good]
+    elif kind == "variance":
+        out[good] = np.sqrt(values[good])
+    else:
+        out[good] = 1.0 / np.sqrt(values[good])
+    return out
+
+
+def _noise_unit_scale(noise_header, flux_unit: u.UnitBase, kind: str) -> float:
+    """Scale from the noise HDU's own BUNIT (if any) to σ in flux units; 1 when unknown."""
+    text = str(noise_header.get("BUNIT", "") or "").strip()
+    if not text:
+        return 1.0
+    try:
+        unit = _parse_unit(text)
+    except ValueError:
+        return 1.0
+    sigma_unit = {"sigma": unit, "variance": unit**0.5, "inverse_variance": unit**-0.5}[kind]
+    try:
+        return float(sigma_unit.to(flux_unit))
+    except u.UnitConversionError:
+        return 1.0
+
+
+def estimate_noise(flux: np.ndarray, *, smooth_channels: int = 5) -> np.ndarray:
+    """Per-wavelength 1σ noise of a cube without a noise extension.
+
+    For each channel, ``d = 2 f_i − f_{i−2} − f_{i+2}`` (which cancels any linear
+    continuum and skips neighbouring, possibly correlated channels) has variance 6σ²
+    for white noise; σ_i = 1.4826 · MAD over spaxels of ``d`` / √6, then a running
+    median over ``smooth_channels`` channels. Emission lines in a few spaxels do not
+    bias it (the MAD ignores them).
+
+    Parameters
+    ----------
+    flux : numpy.ndarray
+        Cube ``(wave, y, x)``; NaN spaxels are ignored.
+    smooth_channels : int, optional
+        Width of the running median along the wavelength axis.
+
+    Returns
+    -------
+    numpy.ndarray
+        σ per channel, shape ``(wave,)``.
+
+    References
+    ----------
+    Stoehr et al. 2008 (ASP Conf. Ser. 394, 505; DER_SNR); issue 3 (SINFONI noise).
+    """
+    n_wave = flux.shape[0]
+    spectra = flux.reshape(n_wave, -1)
+    second = np.full(spectra.shape, np.nan)
+    if n_wave >= 5:
+        second[2:-2] = 2.0 * spectra[2:-2] - spectra[:-4] - spectra[4:]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        centre = np.nanmedian(second, axis=1, keepdims=True)
+        sigma = 1.482602 * np.nanmedian(np.abs(second - centre), axis=1) / np.sqrt(6.0)
+    good = np.isfinite(sigma) & (sigma > 0)
+    if not good.any():
+        return np.full(n_wave, np.nan)
+    index = np.arange(n_wave)
+    sigma = np.interp(index, index[good], sigma[good])  # fill edges and empty channels
+    return median_filter(sigma, size=max(1, int(smooth_channels)), mode="nearest")
+
+
+def _read_mask(path, hdul, index: int, shape) -> np.ndarray:
+    """Boolean ``bad`` array broadcastable to ``shape`` from a MASK/DQ/FIELDMAP HDU."""
+    name = _hdu_name(hdul, index)
+    values = hdul[index].data
+    if values is None:
+        return np.zeros(shape, dtype=bool)
+    values = np.asarray(values)
+    bad = values == 0 if name.endswith("FIELDMAP") else values != 0
+    if bad.shape != tuple(shape) and bad.shape != tuple(shape[1:]):
+        raise _input_error(path, name, "NAXIS", f"mask shape {values.shape} does not match the "
+                           f"cube {tuple(shape)}", "give a mask of the cube's shape")
+    return bad
+
+
+# ---------------------------------------------------------------------------
+# Spatial WCS
+# ---------------------------------------------------------------------------
+def _celestial(header) -> tuple[str, float | None]:
+    """Celestial WCS header string and pixel scale (arcsec, sqrt|det CD|) or ("", None)."""
+    try:
+        full = _quiet_wcs(header, naxis=[1, 2])  # spatial axes only: CD + CDELT3 mixes are common
+        celestial = full.celestial
+    except Exception:  # a broken spatial WCS must not stop reading the spectra
+        return "", None
+    if celestial.naxis == 2:
+        scale = np.sqrt(proj_plane_pixel_area(celestial)) * u.Unit(celestial.wcs.cunit[0])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FITSFixedWarning)
+            text = celestial.to_header_string()
+        return text, float(scale.to_value(u.arcsec))
+    units = [str(header.get(f"CUNIT{i}", "") or "").strip() for i in (1, 2)]
+    try:
+        angles = [u.Unit(x) for x in units]
+    except ValueError:
+        return "", None
+    if all(x and a.physical_type == "angle" for x, a in zip(units, angles, strict=True)):
+        spatial = full
+        matrix = spatial.pixel_scale_matrix  # in the (possibly normalised) CUNIT of each axis
+        factors = np.array([u.Unit(c).to(u.arcsec) for c in spatial.wcs.cunit])
+        return "", float(np.sqrt(abs(np.linalg.det(matrix * factors[:, None]))))
+    return "", None
+
+
+# ---------------------------------------------------------------------------
+# Public reader
+# ---------------------------------------------------------------------------
+def _validate_choices(path, noise_kind, wavelength_medium) -> None:
+    if noise_kind is not None and noise_kind not in NOISE_KINDS:
+        raise ConfigError(f"{path}: noise_kind={noise_kind!r} is not one of "
+                          f"{', '.join(NOISE_KINDS)}")
+    if wavelength_medium is not None and wavelength_medium not in WAVELENGTH_MEDIA:
+        raise ConfigError(f"{path}: wavelength_medium={wavelength_medium!r} is not one of "
+                          f"{', '.join(WAVELENGTH_MEDIA)}")
+
+
+def _decide_medium(path, wave_um, medium_in_header, wavelength_medium, ctype) -> tuple[str, bool]:
+    """(medium of the file's wavelengths, whether it was assumed)."""
+    if wavelength_medium is not None:
+        if medium_in_header is not None and medium_in_header != wavelength_medium:
+            warnings.warn(f"{path}: CTYPE3={ctype!r} says {medium_in_header}, but "
+                          f"wavelength_medium={wavelength_medium!r} was given; using "
+                          f"{wavelength_medium}", WavelengthMediumWarning, stacklevel=3)
+        return wavelength_medium, False
+    if medium_in_header is not None:
+        return medium_in_header, False
+    medium = "vacuum" if float(np.min(wave_um)) >= _VACUUM_FROM_UM else "air"
+    warnings.warn(f"{path}: CTYPE3={ctype!r} does not say air or vacuum; assuming {medium} "
+                  f"(cube starts at {float(np.min(wave_um)):.3f} um); pass "
+                  "wavelength_medium='air' or 'vacuum' to decide", WavelengthMediumWarning,
+                  stacklevel=3)
+    return medium, True
+
+
+def open_cube(path, *, noise_kind: str | None = None, wavelength_medium: str | None = None,
+              ifu: int | None = None, band: str | None = None,
+              instrument: str | None = None) -> xr.Dataset:
+    """Read an IFU cube of any common layout into the klever_nb cube Dataset.
+
+    Parameters
+    ----------
+    path : str or Path
+        FITS file (KMOS combined or per-exposure, SINFONI, MUSE, JWST s3d, IRAF/GMOS,
+        MaNGA, or a bare 3-D primary HDU).
+    noise_kind : {"sigma", "variance", "inverse_variance"}, optional
+        What the noise extension holds; default from its name (NOISE/ERR σ, STAT/VAR
+        variance, IVAR inverse variance). Use it for reductions that store variance in ERR.
+    wavelength_medium : {"vacuum", "air"}, optional
+        Medium of the file's wavelengths. Overrides CTYPE3; needed when CTYPE3 does not
+        say (``LAMBDA``, ``LINEAR``). Without it such cubes are taken as vacuum when they
+        start at ≥ 1 µm and air below, with a :class:`WavelengthMediumWarning`.
+    ifu : int, optional
+        IFU number of a KMOS per-exposure file (``IFU.<n>.DATA``). When exactly one IFU
+        holds data it is chosen automatically.
+    band : str, optional
+        Band name (default: ESO grating/filter keywords, else the instrument band whose
+        range matches the cube's, else "").
+    instrument : str, optional
+        Instrument name (default: INSTRUME, else guessed from the layout, else "unknown").
+
+    Returns
+    -------
+    xarray.Dataset
+        ``flux`` and ``noise`` (1σ, float64) on ``(wave, y, x)``; ``wave`` in vacuum
+        micron, increasing; masked voxels NaN in both. attrs: ``instrument``, ``band``,
+        ``resolving_power``, ``pixel_scale_arcsec`` (celestial axes only), ``wcs``,
+        ``source_file``, ``source_hdu``, ``layout``, ``wavelength_medium_in_file``,
+        ``wavelength_medium_assumed``, ``noise_kind_in_file``, ``noise_estimated``
+        (and ``noise_method``), ``ifu`` (KMOS per-exposure files).
+
+    Raises
+    ------
+    InputError
+        Missing/unreadable file, no cube, no spectral axis, unparseable BUNIT, noise or
+        mask of another shape, IFU missing/empty/ambiguous. One line naming file, HDU, key.
+    ConfigError
+        ``noise_kind`` or ``wavelength_medium`` not one of the accepted values.
+
+    References
+    ----------
+    DESIGN.md (data model, input files); FACTS.md §6 (air→vacuum), §8 (KMOS/SINFONI).
+
+    Examples
+    --------
+    >>> import numpy as np, tempfile, pathlib
+    >>> from astropy.io import fits
+    >>> hdu = fits.PrimaryHDU(np.ones((20, 3, 4), dtype="f4"))
+    >>> hdu.header.update(CTYPE3="WAVE", CUNIT3="um", CRVAL3=2.0, CDELT3=2e-4, CRPIX3=1,
+    ...                   BUNIT="1e-20 erg/s/cm2/Angstrom")
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "cube.fits"
+    >>> hdu.writeto(path)
+    >>> cube = open_cube(path, noise_kind=None)
+    >>> cube.flux.dims, cube.flux.attrs["units"]
+    (('wave', 'y', 'x'), '1e-20 erg / (Angstrom s cm2)')
+    """
+    path = Path(path)
+    _validate_choices(path, noise_kind, wavelength_medium)
+    with _open_fits(path) as hdul:
+        layout = _find_layout(path, hdul, ifu)
+        return _build_cube(path, hdul, layout, noise_kind=noise_kind,
+                           wavelength_medium=wavelength_medium, band=band,
+                           instrument=instrument)
+
+
+def _build_cube(path, hdul, layout: _Layout, *, noise_kind, wavelength_medium, band,
+                instrument) -> xr.Dataset:
+    data_hdu = hdul[layout.data]
+    data_name = _hdu_name(hdul, layout.data)
+    if not _is_cube(data_hdu):
+        raise _input_error(path, data_name, "NAXIS", f"data HDU has NAXIS = "
+                           f"{data_hdu.header.get('NAXIS', 0)}, not a 3-D cube",
+                           "give an IFU cube")
+    header, primary = data_hdu.header, hdul[0].header
+    flux = np.array(data_hdu.data, dtype=np.float64)
+    shape = flux.shape
+
+    # Wavelengths (file medium, µm), then vacuum.
+    if layout.wave_table is not None:
+        wave_file = _wave_from_table(path, hdul, layout.wave_table, shape[0])
+        medium_in_header = {"AWAV": "air"}.get(str(header.get("CTYPE3", ""))[:4].upper(),
+                                               "vacuum")
+        ctype = str(header.get("CTYPE3", "") or _hdu_name(hdul, layout.wave_table))
+    else:
+        wave_file, medium_in_header, ctype = _wave_from_header(path, data_name, header, shape[0])
+    medium, assumed = _decide_medium(path, wave_file, medium_in_header, wavelength_medium, ctype)
+    wave_um = air_to_vacuum(wave_file) if medium == "air" else wave_file
+
+    # Units.
+    flux_unit, units_original = _flux_unit(path, data_name, header, primary)
+
+    # Noise.
+    noise_attrs = {}
+    if layout.noise is not None:
+        noise_hdu = hdul[layout.noise]
+        noise_name = _hdu_name(hdul, layout.noise)
+        kind = noise_kind or layout.noise_kind
+        if noise_hdu.data is None or noise_hdu.data.shape != shape:
+            found = None if noise_hdu.data is None else noise_hdu.data.shape
+            raise _input_error(path, noise_name, "NAXIS", f"noise shape {found} differs from "
+                               f"the data shape {shape}", "give a noise cube of the same shape")
+        noise = _noise_to_sigma(np.array(noise_hdu.data, dtype=np.float64), kind)
+        noise *= _noise_unit_scale(noise_hdu.header, flux_unit, kind)
+        noise_attrs["units_original"] = str(noise_hdu.header.get("BUNIT", "") or "")
+        estimated, noise_method = False, ""
+    else:
+        noise_name, kind = "", "none"
+        sigma = estimate_noise(flux)
+        noise = np.broadcast_to(sigma[:, None, None], shape).copy()
+        estimated = True
+        noise_method = ("estimated per channel: 1.4826*MAD over spaxels of "
+                        "(2f_i - f_(i-2) - f_(i+2))/sqrt(6), running median over 5 channels "
+                        "(DER_SNR, Stoehr et al. 2008)")
+
+    # Masks.
+    bad = ~np.isfinite(flux) | ~np.isfinite(noise) | (noise <= 0)
+    mask_name = ""
+    if layout.mask is not None:
+        mask_name = _hdu_name(hdul, layout.mask)
+        bad |= _read_mask(path, hdul, layout.mask, shape)
+    flux[bad] = np.nan
+    noise[bad] = np.nan
+
+    # f_nu → F_lambda (JWST MJy/sr): per-channel factors through spectral_density.
+    factors, out_unit = _fnu_to_flambda(flux_unit, wave_um)
+    if factors is not None:
+        flux *= factors[:, None, None]
+        noise *= factors[:, None, None]
+
+    # Increasing wavelengths.
+    if wave_um.size > 1 and wave_um[-1] < wave_um[0]:
+        wave_um, flux, noise = wave_um[::-1], flux[::-1], noise[::-1]
+    if np.any(np.diff(wave_um) <= 0):
+        raise _input_error(path, data_name, "CTYPE3", "wavelengths are not monotonic",
+                           "check the spectral axis")
+
+    # Instrument, band, resolving power, WCS.
+    headers = [header, primary]
+    instrument = (_canonical_instrument(instrument) if instrument
+                  else _instrument_from_headers(headers, layout.instrument_hint))
+    band = band if band is not None else (_band_from_headers(headers)
+                                          or _band_from_range(instrument, wave_um))
+    wcs_text, pixel_scale = _celestial(header)
+
+    units = out_unit.to_string()
+    attrs = {
+        "instrument": instrument,
+        "band": band,
+        "resolving_power": _resolving_power(instrument, band),
+        "wcs": wcs_text,
+        "source_file": str(path),
+        "source_hdu": data_name,
+        "noise_hdu": noise_name,
+        "mask_hdu": mask_name,
+        "layout": layout.name,
+        "wavelength_medium_in_file": medium,
+        "wavelength_medium_assumed": assumed,
+        "ctype3": ctype,
+        "noise_kind_in_file": kind,
+        "noise_estimated": estimated,
+    }
+    if pixel_scale is not None:
+        attrs["pixel_scale_arcsec"] = pixel_scale
+    if estimated:
+        attrs["noise_method"] = noise_method
+    if layout.ifu is not None:
+        attrs["ifu"] = layout.ifu
+    flux_attrs = {"units": units, "units_original": units_original,
+                  "long_name": "flux density"}
+    noise_attrs.update(units=units, long_name="1 sigma noise of flux")
+    ny, nx = shape[1:]
+    return xr.Dataset(
+        {"flux": (("wave", "y", "x"), flux, flux_attrs),
+         "noise": (("wave", "y", "x"), noise, noise_attrs)},
+        coords={"wave": ("wave", wave_um, {"units": "um", "medium": "vacuum",
+                                           "frame": "observed"}),
+                "y": ("y", np.arange(ny)), "x": ("x", np.arange(nx))},
+        attrs=attrs,
+    )

@@ -1,0 +1,447 @@
+"""Run the stages of one galaxy (or a sample) from input files to products.
+
+This is the only place (with :mod:`klever_nb.io` and :mod:`klever_nb.cli`) that
+touches files. Inputs are validated before anything is written; each product is
+written atomically; a rerun skips a stage whose inputs (files, settings, code
+version) did not change, identified by a hash kept in the product's attrs.
+
+Products in ``OUT/<name>/`` (DESIGN.md "Products"): ``cubes_aligned.nc``,
+``line_maps.nc``, ``source_maps.nc``, ``metallicity.nc``, ``profile.csv``,
+``gradient.png``, ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from klever_nb import __version__, constants
+from klever_nb.config import GalaxyConfig, load_galaxy, load_sample
+from klever_nb.errors import InputError, KleverError
+from klever_nb.io import read_datatree, read_netcdf, write_json, write_netcdf, write_text
+from klever_nb.io.cubes import open_cube
+
+
+# ---------------------------------------------------------------------------
+# Hashes: a stage reruns only when what it depends on changed
+# ---------------------------------------------------------------------------
+def _file_fingerprint(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _hash(*parts: Any) -> str:
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _config_hash(cfg: GalaxyConfig) -> str:
+    files = [cfg.path, *cfg.cubes.values()]
+    if cfg.lens is not None:
+        files += [p for p in (cfg.lens.deflection_x, cfg.lens.deflection_y, cfg.lens.kappa,
+                              cfg.lens.gamma, cfg.lens.hst_image) if p is not None]
+        for folder in cfg.lens.models:
+            files += sorted(folder.glob("*.fits"))
+    return _hash(__version__, [(str(p), _file_fingerprint(p)) for p in files])
+
+
+def _cached(path: Path, stage_hash: str, force: bool) -> xr.Dataset | None:
+    if force or not path.is_file():
+        return None
+    try:
+        ds = read_netcdf(path)
+    except Exception:  # an unreadable old product is simply recomputed
+        return None
+    return ds if ds.attrs.get("input_hash") == stage_hash else None
+
+
+def _versions() -> dict[str, str]:
+    import astropy
+    import scipy
+
+    return {"klever_nb": __version__, "numpy": np.__version__, "scipy": scipy.__version__,
+            "astropy": astropy.__version__, "xarray": xr.__version__}
+
+
+# ---------------------------------------------------------------------------
+# Reading a galaxy's inputs (all checks happen here, before anything is written)
+# ---------------------------------------------------------------------------
+def read_galaxy_cubes(cfg: GalaxyConfig) -> xr.DataTree:
+    """Read every band's cube of a galaxy into a DataTree (``/YJ``, ``/H``, ``/K``)."""
+    children = {}
+    for band, path in cfg.cubes.items():
+        cube = open_cube(path, band=band, instrument=cfg.instrument, ifu=cfg.ifu)
+        cube.attrs["redshift"] = cfg.redshift
+        children[f"/{band}"] = cube
+    return xr.DataTree.from_dict(children)
+
+
+def read_lens(cfg: GalaxyConfig, cube_wcs: str) -> tuple[xr.Dataset, list[xr.Dataset]]:
+    """Deflection (and kappa/gamma) maps for the source redshift, plus alternative models."""
+    from klever_nb import lensing
+    from klever_nb.io.images import open_lens_maps
+
+    assert cfg.lens is not None
+    lens_cfg = cfg.lens
+    if lens_cfg.deflection_x is not None:
+        raw = open_lens_maps(deflection_x=lens_cfg.deflection_x,
+                             deflection_y=lens_cfg.deflection_y, kappa=lens_cfg.kappa,
+                             gamma=lens_cfg.gamma, deflection_units=lens_cfg.deflection_units)
+        lens = lensing.rescale_lens(raw, z_lens=lens_cfg.z_lens, z_source=cfg.redshift,
+                                    normalisation=lens_cfg.normalisation)
+    else:
+        from klever_nb.lensmodels import ParametricLens
+
+        model = ParametricLens.from_config({"components": list(lens_cfg.components)})
+        lens = lensing.lens_from_parametric(
+            model, cube_wcs=cube_wcs, pixel_scale_arcsec=lens_cfg.grid_pixel_arcsec,
+            size_arcsec=lens_cfg.grid_size_arcsec)
+    alternatives = []
+    for folder in lens_cfg.models:
+        dx, dy = folder / "dx.fits", folder / "dy.fits"
+        if not (dx.is_file() and dy.is_file()):
+            raise InputError(f"{folder}: lens.models folder needs dx.fits and dy.fits "
+                             "(and optionally kappa.fits, gamma.fits)")
+        kappa = folder / "kappa.fits" if (folder / "kappa.fits").is_file() else None
+        gamma = folder / "gamma.fits" if (folder / "gamma.fits").is_file() else None
+        alt = open_lens_maps(deflection_x=dx, deflection_y=dy, kappa=kappa, gamma=gamma,
+                             deflection_units=lens_cfg.deflection_units)
+        alternatives.append(lensing.rescale_lens(alt, z_lens=lens_cfg.z_lens,
+                                                 z_source=cfg.redshift,
+                                                 normalisation=lens_cfg.normalisation))
+    lensing.check_overlap(lens, cube_wcs=cube_wcs, source=str(lens_cfg.deflection_x or "lens"))
+    return lens, alternatives
+
+
+# ---------------------------------------------------------------------------
+# One galaxy
+# ---------------------------------------------------------------------------
+def _stage(products: Path, name: str, stage_hash: str, force: bool,
+           compute: Callable[[], xr.Dataset]) -> xr.Dataset:
+    path = products / name
+    cached = _cached(path, stage_hash, force)
+    if cached is not None:
+        return cached
+    ds = compute()
+    ds.attrs["input_hash"] = stage_hash
+    ds.attrs["klever_nb_version"] = __version__
+    write_netcdf(ds, path)
+    return ds
+
+
+def run_galaxy(config_path: str | Path, out_dir: str | Path, *, force: bool = False,
+               progress: bool | None = None) -> Path:
+    """Run every stage on one galaxy; return the path of its ``summary.json``.
+
+    Parameters
+    ----------
+    config_path : str or Path
+        Galaxy TOML file (DESIGN.md).
+    out_dir : str or Path
+        Products go to ``out_dir/<name>/``.
+    force : bool
+        Recompute every stage even when its product is up to date.
+    progress : bool or None
+        Show a progress bar (default: only on a terminal).
+    """
+    from tqdm.auto import tqdm
+
+    cfg = load_galaxy(config_path)
+    settings = cfg.analysis
+    tree = read_galaxy_cubes(cfg)
+    first = next(iter(tree.children.values())).to_dataset()
+    cube_wcs = first.attrs.get("wcs", "")
+    lens, alternatives = (read_lens(cfg, cube_wcs) if cfg.lensed else (None, []))
+
+    products = Path(out_dir) / cfg.name
+    products.mkdir(parents=True, exist_ok=True)
+    base_hash = _hash(_config_hash(cfg), asdict(settings))
+    stages = ["cubes", "line fitting", "source plane", "metallicity", "gradient"]
+    bar = tqdm(total=len(stages), desc=cfg.name, disable=(None if progress is None
+                                                          else not progress), leave=False)
+    summary: dict[str, Any] = {"name": cfg.name, "redshift": cfg.redshift,
+                               "lensed": cfg.lensed, "instrument": cfg.instrument}
+
+    cubes_hash = _hash(base_hash, "cubes")
+    cubes_path = products / "cubes_aligned.nc"
+    if force or not cubes_path.is_file() or \
+            read_datatree(cubes_path).attrs.get("input_hash") != cubes_hash:
+        tree.attrs["input_hash"] = cubes_hash
+        write_netcdf(tree, cubes_path)
+    bar.update()
+
+    maps = _stage(products, "line_maps.nc", _hash(base_hash, "fit"), force,
+                  lambda: _fit_stage(tree, cfg))
+    summary.update(_integrated_summary(maps))
+    bar.update()
+
+    source = _stage(products, "source_maps.nc", _hash(base_hash, "lens"), force,
+                    lambda: _lens_stage(maps, cfg, lens, alternatives, cube_wcs))
+    summary.update(json.loads(source.attrs.get("lensing_summary", "{}")))
+    bar.update()
+
+    metal = _stage(products, "metallicity.nc", _hash(base_hash, "metallicity"), force,
+                   lambda: _metallicity_stage(maps, source, cfg, summary))
+    summary.update(json.loads(metal.attrs.get("metallicity_summary", "{}")))
+    bar.update()
+
+    summary.update(_gradient_stage(products, metal, source, maps, cfg, lens, summary,
+                                   _hash(base_hash, "gradient"), force))
+    bar.update()
+    bar.close()
+
+    summary["properties"] = cfg.properties
+    summary["settings"] = asdict(settings)
+    summary["versions"] = _versions()
+    return write_json(summary, products / "summary.json")
+
+
+def _fit_stage(tree: xr.DataTree, cfg: GalaxyConfig) -> xr.Dataset:
+    from klever_nb import fitting
+
+    s = cfg.analysis
+    lines = s.lines if s.lines is not None else constants.PAPER_LINES
+    maps, integrated = fitting.fit_galaxy(
+        tree, redshift=cfg.redshift, smooth_fwhm_arcsec=s.smooth_fwhm_arcsec,
+        fibre_radius_arcsec=s.fibre_radius_arcsec, lines=lines,
+        detection_snr=s.detection_snr, sky_min_relative_amplitude=s.sky_min_relative_amplitude)
+    for name in ("flux", "flux_err", "snr", "detected", "upper_limit", "velocity", "sigma"):
+        if name in integrated:
+            maps[f"integrated_{name}"] = integrated[name].rename({"line": "line"})
+    maps.attrs["integrated_attrs"] = json.dumps({k: v for k, v in integrated.attrs.items()
+                                                 if isinstance(v, str | int | float)})
+    return maps
+
+
+def _integrated_summary(maps: xr.Dataset) -> dict:
+    out: dict[str, Any] = {}
+    if "integrated_flux" in maps and "Halpha" in maps["line"].values:
+        unit = maps["flux"].attrs.get("units", "")
+        out["halpha_fibre_flux"] = float(maps["integrated_flux"].sel(line="Halpha"))
+        out["halpha_fibre_flux_err"] = float(maps["integrated_flux_err"].sel(line="Halpha"))
+        out["flux_units"] = unit
+    if "redshift_refined" in maps.attrs:
+        out["redshift_refined"] = float(maps.attrs["redshift_refined"])
+    detected = [str(line) for line in maps["line"].values
+                if "integrated_detected" in maps and bool(maps["integrated_detected"].sel(line=line))]
+    out["lines_detected"] = detected
+    return out
+
+
+def _lens_stage(maps: xr.Dataset, cfg: GalaxyConfig, lens: xr.Dataset | None,
+                alternatives: list[xr.Dataset], cube_wcs: str) -> xr.Dataset:
+    from klever_nb import lensing
+
+    s = cfg.analysis
+    if lens is None:
+        source, info = lensing.unlensed_source_maps(maps, redshift=cfg.redshift,
+                                                    psf_fwhm_arcsec=cfg.psf_fwhm_arcsec)
+    else:
+        source, info = lensing.reconstruct_source_plane(
+            maps, lens, redshift=cfg.redshift, cube_wcs=cube_wcs,
+            psf_fwhm_arcsec=cfg.psf_fwhm_arcsec, source_pixel_arcsec=s.source_pixel_arcsec,
+            alternatives=alternatives)
+    source.attrs["lensing_summary"] = json.dumps(info, default=float)
+    return source
+
+
+def _metallicity_stage(maps: xr.Dataset, source: xr.Dataset, cfg: GalaxyConfig,
+                       summary: dict) -> xr.Dataset:
+    from klever_nb import dust, metallicity, sfr
+
+    s = cfg.analysis
+    integrated = _integrated_dataset(maps)
+    diagnostics = metallicity.choose_diagnostics(
+        integrated, redshift=cfg.redshift,
+        requested=list(s.diagnostics) if s.diagnostics else None)
+    ebv_global = dust.balmer_ebv(integrated)
+    ebv = float(ebv_global["ebv"]) if np.isfinite(ebv_global["ebv"]) else 0.0
+    ebv_err = float(ebv_global["ebv_err"]) if np.isfinite(ebv_global["ebv_err"]) else 0.0
+    metal = metallicity.metallicity_map(
+        source, diagnostics=diagnostics, calibration_set=s.calibration_set,
+        redshift=cfg.redshift, ebv=ebv, ebv_err=ebv_err, method=s.metallicity_method,
+        snr_min_strong=s.snr_strong, snr_min_weak=s.snr_weak)
+    glob = metallicity.metallicity_map(
+        integrated, diagnostics=diagnostics, calibration_set=s.calibration_set,
+        redshift=cfg.redshift, ebv=ebv, ebv_err=ebv_err, method="grid",
+        snr_min_strong=constants.DETECTION_SNR, snr_min_weak=constants.DETECTION_SNR)
+    info: dict[str, Any] = {
+        "global_oh": float(glob["oh"]),
+        "global_oh_err": [float(glob["oh"] - glob["oh_lo"]), float(glob["oh_hi"] - glob["oh"])],
+        "diagnostics": list(diagnostics), "ebv": ebv, "ebv_err": ebv_err,
+    }
+    lensing_info = json.loads(source.attrs.get("lensing_summary", "{}"))
+    mu = lensing_info.get("mu_halpha", 1.0) if cfg.lensed else 1.0
+    mu_err = lensing_info.get("mu_halpha_err", 0.0) if cfg.lensed else 0.0
+    if "Halpha" in maps["line"].values:
+        total, total_err = sfr.total_halpha(maps, snr_min=constants.SFR_SNR)
+        rate = sfr.sfr_from_halpha(total, total_err, redshift=cfg.redshift, ebv=ebv,
+                                   ebv_err=ebv_err, mu=mu, mu_err=mu_err,
+                                   flux_units=maps["flux"].attrs.get("units"))
+        info.update({"halpha_flux": rate.get("halpha_flux_cgs", total),
+                     "halpha_flux_err": rate.get("halpha_flux_err_cgs", total_err),
+                     "sfr": rate["sfr"], "sfr_err": rate["sfr_err"]})
+    metal.attrs["metallicity_summary"] = json.dumps(info, default=float)
+    return metal
+
+
+def _integrated_dataset(maps: xr.Dataset) -> xr.Dataset:
+    names = [n for n in maps.data_vars if n.startswith("integrated_")]
+    out = xr.Dataset({n.removeprefix("integrated_"): maps[n] for n in names})
+    out["flux"].attrs = dict(maps["flux"].attrs)
+    return out
+
+
+def _gradient_stage(products: Path, metal: xr.Dataset, source: xr.Dataset, maps: xr.Dataset,
+                    cfg: GalaxyConfig, lens: xr.Dataset | None, summary: dict,
+                    stage_hash: str, force: bool) -> dict:
+    from klever_nb import figures, gradients
+
+    profile_path = products / "profile.csv"
+    cache_path = products / ".gradient.json"
+    if not force and profile_path.is_file() and cache_path.is_file():
+        cached = json.loads(cache_path.read_text())
+        if cached.get("input_hash") == stage_hash:
+            return cached["summary"]
+    psf = {"fwhm_major_kpc": summary["source_psf_fwhm_kpc"][0],
+           "fwhm_minor_kpc": summary["source_psf_fwhm_kpc"][1],
+           "pa_deg": summary.get("source_psf_pa_deg", 0.0)}
+    profile, info = gradients.measure_gradient(metal, psf=psf, step_fraction=cfg.analysis.step_fraction,
+                                               line_maps=source)
+    lines = ["radius_kpc,oh,oh_err,n_pixels"]
+    for r, oh, err, n in zip(profile["radius_kpc"].values, profile["oh"].values,
+                             profile["oh_err"].values, profile["n_pixels"].values, strict=True):
+        lines.append(f"{r:.4f},{oh:.4f},{err:.4f},{n:.2f}")
+    write_text("\n".join(lines) + "\n", profile_path)
+    if cfg.analysis.forward_gradient and "gradient_dex_per_kpc" in info:
+        info.update(_forward_gradient(maps, cfg, lens, summary))
+    fig = figures.gradient_figure(source, metal, profile, info, psf=psf,
+                                  global_oh=summary.get("global_oh"))
+    from klever_nb.io import atomic_path
+
+    with atomic_path(products / "gradient.png") as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    write_json({"input_hash": stage_hash, "summary": info}, cache_path)
+    return info
+
+
+def _forward_gradient(maps, cfg, lens, summary) -> dict:
+    try:
+        from klever_nb import forward_gradient
+    except ImportError:
+        return {}
+    try:
+        result = forward_gradient.fit_galaxy_forward_gradient(
+            maps, lens=lens, redshift=cfg.redshift, psf_fwhm_arcsec=cfg.psf_fwhm_arcsec,
+            diagnostics=summary.get("diagnostics", ["R3", "N2"]),
+            calibration_set=cfg.analysis.calibration_set)
+    except KleverError as err:
+        return {"gradient_forward_message": str(err)}
+    return {"gradient_forward_dex_per_kpc": result.get("gradient_dex_per_kpc"),
+            "gradient_forward_err": result.get("gradient_err")}
+
+
+# ---------------------------------------------------------------------------
+# One cube (klever-nb fit) and a sample
+# ---------------------------------------------------------------------------
+def fit_single_cube(cube_path: str | Path, *, redshift: float, out_dir: str | Path,
+                    lines: tuple[str, ...] | None = None, noise_kind: str | None = None,
+                    wavelength_medium: str | None = None, resolving_power: float | None = None,
+                    smooth_fwhm_arcsec: float = 0.0, ifu: int | None = None) -> Path:
+    """Fit the emission lines of any one IFU cube; write ``OUT/<stem>/line_maps.nc`` + summary.
+
+    Returns the product folder.
+    """
+    from klever_nb import fitting, spectra
+    from klever_nb.errors import ConfigError
+
+    if not np.isfinite(redshift) or redshift < 0:
+        raise ConfigError(f"--redshift must be a number >= 0, got {redshift}")
+    if lines is not None:
+        unknown = [name for name in lines if name not in constants.LINES]
+        if unknown:
+            raise ConfigError(f"--lines: unknown line {unknown[0]!r}; known: "
+                              f"{', '.join(constants.LINES)}")
+    cube_path = Path(cube_path)
+    cube = open_cube(cube_path, noise_kind=noise_kind, wavelength_medium=wavelength_medium,
+                     ifu=ifu)
+    wave = cube["wave"].values
+    in_cube = constants.lines_in_range(float(wave.min()), float(wave.max()), redshift,
+                                       tuple(lines) if lines else None)
+    if not in_cube:
+        raise InputError(f"{cube_path}: no line of {'--lines' if lines else 'the catalogue'} "
+                         f"falls inside {wave.min():.4f}-{wave.max():.4f} um at z = {redshift}")
+    if smooth_fwhm_arcsec > 0:
+        cube = spectra.smooth_cube(cube, fwhm_arcsec=smooth_fwhm_arcsec)
+    maps = fitting.fit_cube(cube, redshift=redshift, lines=in_cube,
+                            resolving_power=resolving_power)
+    spectrum = spectra.pseudo_fibre_spectrum(cube, redshift=redshift, lines=in_cube)
+    integrated = fitting.fit_spectrum(spectrum, redshift=redshift, lines=in_cube,
+                                      resolving_power=resolving_power)
+    for name in ("flux", "flux_err", "snr", "detected", "upper_limit"):
+        if name in integrated:
+            maps[f"integrated_{name}"] = integrated[name]
+    maps.attrs["source_file"] = str(cube_path.resolve())
+    maps.attrs["klever_nb_version"] = __version__
+    products = Path(out_dir) / cube_path.stem
+    write_netcdf(maps, products / "line_maps.nc")
+    flux_units = maps["flux"].attrs.get("units", "")
+    summary = {
+        "cube": str(cube_path.resolve()), "redshift": redshift,
+        "lines_fitted": list(in_cube),
+        "integrated": {str(line): {
+            "flux": float(integrated["flux"].sel(line=line)),
+            "flux_err": float(integrated["flux_err"].sel(line=line)),
+            "snr": float(integrated["snr"].sel(line=line)),
+            "detected": bool(integrated["detected"].sel(line=line)),
+            "upper_limit": float(integrated["upper_limit"].sel(line=line)),
+        } for line in integrated["line"].values},
+        "flux_units": flux_units,
+        "settings": {"noise_kind": noise_kind, "wavelength_medium": wavelength_medium,
+                     "resolving_power": resolving_power if resolving_power is not None
+                     else cube.attrs.get("resolving_power"),
+                     "smooth_fwhm_arcsec": smooth_fwhm_arcsec, "ifu": ifu},
+        "cube_attrs": {k: v for k, v in cube.attrs.items() if k != "wcs"},
+        "versions": _versions(),
+    }
+    write_json(summary, products / "summary.json")
+    return products
+
+
+def run_sample(sample_path: str | Path, out_dir: str | Path, *, force: bool = False,
+               scheduler: str | None = None) -> dict[str, Path]:
+    """Run every galaxy of a sample file; return ``{name: summary.json path}``.
+
+    With ``scheduler=None`` galaxies run one after the other in this process; with
+    ``"local"`` on a local ``dask.distributed`` cluster, or on the scheduler at the
+    given address. Galaxies whose products are up to date are skipped (resume).
+    """
+    paths = load_sample(sample_path)
+    for path in paths:  # validate every galaxy before running any
+        load_galaxy(path)
+    if scheduler is None:
+        return {load_galaxy(p).name: run_galaxy(p, out_dir, force=force) for p in paths}
+    from dask.distributed import Client, LocalCluster
+
+    cluster = LocalCluster(n_workers=2, threads_per_worker=1) if scheduler == "local" else None
+    with Client(cluster if cluster is not None else scheduler) as client:
+        futures = {load_galaxy(p).name: client.submit(run_galaxy, p, out_dir, force=force,
+                                                      progress=False, pure=False)
+                   for p in paths}
+        results = {name: future.result() for name, future in futures.items()}
+    if cluster is not None:
+        cluster.close()
+    return results

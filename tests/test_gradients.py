@@ -1,0 +1,239 @@
+"""Tests of klever_nb.gradients against closed forms and injected truths (K20 §4.2, §4.5)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import xarray as xr
+from scipy import stats
+
+from klever_nb import gradients as g
+from klever_nb.calibrations import get_calibration
+from klever_nb.errors import ConfigError, InputError
+
+PSF = {"fwhm_major_kpc": 1.5, "fwhm_minor_kpc": 0.8, "pa_deg": 30.0}
+
+
+def _grid(n=25, pix=0.2):
+    ys = xs = np.arange(-n, n + 1) * pix
+    yy, xx = np.meshgrid(ys, xs, indexing="ij")
+    return ys, xs, yy, xx
+
+
+def _map(oh, err, ys, xs):
+    return xr.Dataset({"oh": (("ys", "xs"), oh), "oh_lo": (("ys", "xs"), oh - err),
+                       "oh_hi": (("ys", "xs"), oh + err)}, coords={"ys": ys, "xs": xs})
+
+
+def _linear_map(central=8.5, gradient=-0.03, err=0.05, n=25):
+    ys, xs, yy, xx = _grid(n)
+    oh = central + gradient * np.hypot(xx, yy)
+    return _map(oh, np.full_like(oh, err), ys, xs)
+
+
+def test_annulus_weights_sum_to_the_exact_aperture_areas():
+    ds = _linear_map()
+    apertures, radii, edges = g.elliptical_annuli(ds, psf=PSF, step_fraction=0.5, r_max=3.0)
+    weights = g.annulus_weights(apertures, (ds.sizes["ys"], ds.sizes["xs"]))
+    q = PSF["fwhm_minor_kpc"] / PSF["fwhm_major_kpc"]
+    pix = 0.2
+    for k, (r_in, r_out) in enumerate(zip(edges[:-1], edges[1:], strict=True)):
+        a_out, b_out = r_out / np.sqrt(q) / pix, r_out * np.sqrt(q) / pix
+        a_in, b_in = r_in / np.sqrt(q) / pix, r_in * np.sqrt(q) / pix
+        assert weights[k].sum() == pytest.approx(np.pi * (a_out * b_out - a_in * b_in), rel=1e-9)
+    # the annuli tile the outer ellipse: no pixel fraction counted twice or lost
+    assert weights.sum() == pytest.approx(np.pi * edges[-1] ** 2 / pix**2, rel=1e-9)
+    assert np.all(weights.sum(axis=0) <= 1 + 1e-12)
+    # the geometric-mean radius of the first edge is step_fraction * sqrt(FWHM_a FWHM_b)
+    assert edges[1] == pytest.approx(0.5 * np.sqrt(1.5 * 0.8))
+    assert radii[0] == pytest.approx(2 / 3 * edges[1])
+
+
+def test_semi_major_size_option_scales_the_semi_major_axis():
+    ds = _linear_map()
+    apertures, _, edges = g.elliptical_annuli(ds, psf=PSF, r_max=2.0, size="semi_major")
+    assert apertures[0].a == pytest.approx(edges[1] / 0.2)
+    assert apertures[0].b == pytest.approx(edges[1] * 0.8 / 1.5 / 0.2)
+
+
+@pytest.mark.parametrize("shape", ["psf", "circular"])
+@pytest.mark.parametrize("method", ["wls", "emcee"])
+def test_an_exact_linear_gradient_is_recovered(shape, method):
+    ds = _linear_map(central=8.45, gradient=-0.04)
+    profile = g.radial_profile(ds, psf=PSF, shape=shape)
+    fit = g.fit_gradient(profile, method=method, seed=1)
+    assert fit["gradient_dex_per_kpc"] == pytest.approx(-0.04, abs=1e-3)
+    assert fit["central_oh"] == pytest.approx(8.45, abs=1e-3)
+    assert fit["gradient_wls"] == pytest.approx(-0.04, abs=1e-9)
+    if method == "emcee":
+        assert fit["converged"]
+
+
+def test_off_centre_gradient_is_recovered_about_the_given_centre():
+    ys, xs, yy, xx = _grid()
+    oh = 8.3 + 0.02 * np.hypot(xx - 0.6, yy + 0.4)
+    ds = _map(oh, np.full_like(oh, 0.03), ys, xs)
+    profile, summary = g.measure_gradient(ds, psf=PSF, centre_kpc=(0.6, -0.4),
+                                          fit_method="wls")
+    assert summary["gradient_dex_per_kpc"] == pytest.approx(0.02, abs=1e-9)
+    assert np.allclose(g.residual_map(ds, summary["fit"]).values, 0.0, atol=1e-9)
+
+
+@pytest.mark.parametrize(("factor", "expected"), [
+    (2.0, "resolved"), (2.5, "resolved"), (1.999, "marginal"), (1.0, "marginal"),
+    (1.5, "marginal"), (0.999, "unresolved"), (0.0, "unresolved")])
+def test_resolution_class_boundaries(factor, expected):
+    hwhm = 0.5 * np.sqrt(PSF["fwhm_major_kpc"] * PSF["fwhm_minor_kpc"])
+    assert g.resolution_class(factor * hwhm, PSF) == expected
+
+
+def test_resolution_class_of_nan_radius_is_unresolved():
+    assert g.resolution_class(np.nan, PSF) == "unresolved"
+
+
+def test_a_too_small_galaxy_is_unresolved_with_a_message():
+    ys, xs, yy, xx = _grid(10)
+    oh = np.where(np.hypot(xx, yy) < 0.25, 8.4, np.nan)
+    ds = _map(oh, np.full_like(oh, 0.05), ys, xs)
+    profile, summary = g.measure_gradient(ds, psf=PSF)
+    assert summary["resolved"] == "unresolved"
+    assert np.isnan(summary["gradient_dex_per_kpc"])
+    assert "too small or too faint" in summary["message"]
+    empty = ds.copy()
+    empty["oh"][:] = np.nan
+    _, summary = g.measure_gradient(empty, psf=PSF)
+    assert summary["resolved"] == "unresolved" and summary["n_annuli"] == 0
+
+
+def test_marginal_gradient_says_why():
+    ys, xs, yy, xx = _grid(10)
+    hwhm = 0.5 * np.sqrt(1.5 * 0.8)
+    oh = np.where(np.hypot(xx, yy) < 1.5 * hwhm, 8.4 - 0.05 * np.hypot(xx, yy), np.nan)
+    ds = _map(oh, np.full_like(oh, 0.05), ys, xs)
+    _, summary = g.measure_gradient(ds, psf=PSF, shape="circular", step_fraction=0.33,
+                                    fit_method="wls")
+    assert summary["resolved"] == "marginal"
+    assert "marginal" in summary["message"]
+
+
+def test_oh_from_log_ratios_inverts_the_calibrations():
+    truth = np.linspace(7.8, 8.8, 11)
+    ratios = {d: (get_calibration(d).log_ratio(truth), np.full_like(truth, 0.01))
+              for d in ("N2", "R3")}
+    med, lo, hi = g.oh_from_log_ratios(ratios)
+    assert np.allclose(med, truth, atol=0.01)
+    assert np.all(lo < med) and np.all(hi > med)
+
+
+def _line_maps_from_oh(oh, ys, xs, halpha):
+    n2 = get_calibration("N2").log_ratio(oh)
+    r3 = get_calibration("R3").log_ratio(oh)
+    hbeta = halpha / 2.87
+    flux = np.stack([halpha, halpha * 10**n2, hbeta, hbeta * 10**r3])
+    lines = ["Halpha", "NII_6584", "Hbeta", "OIII_5007"]
+    return xr.Dataset({"flux": (("line", "ys", "xs"), flux),
+                       "flux_err": (("line", "ys", "xs"), 0.01 * flux)},
+                      coords={"line": lines, "ys": ys, "xs": xs})
+
+
+def test_mean_oh_and_mean_ratio_agree_on_a_smooth_map():
+    ys, xs, yy, xx = _grid(20)
+    r = np.hypot(xx, yy)
+    oh_true = 8.55 - 0.05 * r
+    maps = _line_maps_from_oh(oh_true, ys, xs, np.exp(-r / 1.5))
+    ratios = g.log_ratio_maps(maps, ["N2", "R3"])
+    med, lo, hi = g.oh_from_log_ratios(ratios)
+    ds = xr.Dataset({"oh": (("ys", "xs"), med), "oh_lo": (("ys", "xs"), lo),
+                     "oh_hi": (("ys", "xs"), hi)}, coords={"ys": ys, "xs": xs},
+                    attrs={"diagnostics_used": "R3,N2"})
+    p_oh = g.radial_profile(ds, psf=PSF, method="mean_oh")
+    p_ratio = g.radial_profile(ds, psf=PSF, method="mean_ratio", line_maps=maps)
+    assert np.allclose(p_oh["oh"], p_ratio["oh"], atol=0.01)
+    f_oh = g.fit_gradient(p_oh, method="wls")
+    f_ratio = g.fit_gradient(p_ratio, method="wls")
+    assert f_ratio["gradient_dex_per_kpc"] == pytest.approx(f_oh["gradient_dex_per_kpc"],
+                                                            abs=0.003)
+
+
+def test_mean_ratio_without_line_maps_is_a_config_error():
+    with pytest.raises(ConfigError, match="line_maps"):
+        g.radial_profile(_linear_map(), psf=PSF, method="mean_ratio")
+
+
+def test_planar_fit_recovers_a_known_tilt_and_direction():
+    ys, xs, yy, xx = _grid(20)
+    rng = np.random.default_rng(3)
+    size, angle = 0.04, 130.0
+    oh = 8.4 + size * (np.cos(np.deg2rad(angle)) * xx + np.sin(np.deg2rad(angle)) * yy)
+    err = np.full_like(oh, 0.05)
+    ds = _map(oh + rng.normal(0, 0.05, oh.shape), err, ys, xs)
+    fit = g.planar_fit(ds)
+    assert abs(fit["gradient_dex_per_kpc"] - size) < 3 * fit["gradient_err"]
+    assert fit["gradient_err"] < 0.003
+    assert abs(fit["direction_deg"] - angle) < 3 * fit["direction_err_deg"]
+    assert fit["central_oh"] == pytest.approx(8.4, abs=3 * fit["central_oh_err"])
+
+
+def test_non_axisymmetry_p_values_are_uniform_for_axisymmetric_noise():
+    ys, xs, yy, xx = _grid(20)
+    oh0 = 8.5 - 0.03 * np.hypot(xx, yy)
+    rng = np.random.default_rng(7)
+    fit = {"central_oh": 8.5, "gradient_dex_per_kpc": -0.03, "centre_kpc": (0.0, 0.0)}
+    pvals = []
+    for _ in range(60):
+        err = rng.uniform(0.03, 0.08, oh0.shape)
+        ds = _map(oh0 + rng.normal(0, 1, oh0.shape) * err, err, ys, xs)
+        pvals.append(g.non_axisymmetry(ds, fit, annulus_width_kpc=0.8)["p_value"])
+    assert stats.kstest(pvals, "uniform").pvalue > 0.01
+    assert 0.35 < np.mean(pvals) < 0.65
+
+
+def test_non_axisymmetry_detects_an_injected_asymmetry():
+    ys, xs, yy, xx = _grid(20)
+    rng = np.random.default_rng(8)
+    oh = 8.5 - 0.03 * np.hypot(xx, yy) + np.where(xx > 0.5, 0.06, 0.0)
+    err = np.full_like(oh, 0.05)
+    ds = _map(oh + rng.normal(0, 0.05, oh.shape), err, ys, xs)
+    _, summary = g.measure_gradient(ds, psf=PSF, fit_method="wls", systematics=False)
+    result = g.non_axisymmetry(ds, summary["fit"], annulus_width_kpc=0.8)
+    assert result["p_value"] < 1e-6 and result["significance_sigma"] > 5
+    assert result["azimuthal_rms_dex"] > 2 * result["expected_rms_dex"]
+
+
+def test_correlated_noise_is_accounted_for_with_the_psf():
+    ys, xs, yy, xx = _grid(20)
+    assert g.correlation_area_pixels(_linear_map(n=20), None) == 1.0
+    area = g.correlation_area_pixels(_linear_map(n=20), PSF)
+    sig = 1 / (2 * np.sqrt(2 * np.log(2)))
+    assert area == pytest.approx(4 * np.pi * 1.5 * sig * 0.8 * sig / 0.04)
+
+
+def test_systematics_vanish_for_an_exact_linear_map_and_not_for_a_noisy_one():
+    sys_exact = g.gradient_systematics(_linear_map(), psf=PSF)
+    assert len(sys_exact["table"]) == 8
+    assert sys_exact["gradient_sys_err"] < 1e-9
+    ds = _linear_map()
+    ds["oh"] = ds["oh"] + np.random.default_rng(0).normal(0, 0.05, ds["oh"].shape)
+    assert g.gradient_systematics(ds, psf=PSF)["gradient_sys_err"] > 1e-4
+
+
+def test_bad_grids_and_psfs_raise_one_line_errors():
+    ds = _linear_map()
+    with pytest.raises(ConfigError, match="fwhm_major_kpc"):
+        g.radial_profile(ds, psf={"fwhm": 1.0})
+    stretched = ds.assign_coords(xs=ds["xs"] * 2)
+    with pytest.raises(InputError, match="square"):
+        g.radial_profile(stretched, psf=PSF)
+    with pytest.raises(ConfigError, match="shape"):
+        g.radial_profile(ds, psf=PSF, shape="square")
+
+
+def test_descending_axes_give_the_same_profile():
+    ds = _linear_map()
+    ys, xs, yy, xx = _grid()
+    oh = 8.5 - 0.03 * np.hypot(xx, yy) + 0.02 * xx  # not symmetric: orientation matters
+    ds = _map(oh, np.full_like(oh, 0.05), ys, xs)
+    flipped = ds.isel(xs=slice(None, None, -1), ys=slice(None, None, -1))
+    a = g.radial_profile(ds, psf=PSF)
+    b = g.radial_profile(flipped, psf=PSF)
+    assert np.allclose(a["oh"], b["oh"], atol=1e-12)
