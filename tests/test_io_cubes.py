@@ -514,11 +514,12 @@ def test_not_fits_and_truncated_fits(tmp_path):
     one_line_naming(err, text)
     path, _ = kmos_combined_um(tmp_path)
     blob = path.read_bytes()
-    cut = tmp_path / "cut.fits"
-    cut.write_bytes(blob[: len(blob) // 2])
-    with pytest.raises(InputError, match="truncated") as err:
-        open_cube(cut)
-    one_line_naming(err, cut)
+    for size in (len(blob) // 2, 5000):  # inside the data; inside the DATA header
+        cut = tmp_path / f"cut{size}.fits"
+        cut.write_bytes(blob[:size])
+        with pytest.raises(InputError, match="truncated") as err:
+            open_cube(cut)
+        one_line_naming(err, cut)
 
 
 def test_no_cube_in_file(tmp_path):
@@ -587,3 +588,77 @@ def test_per_ifu_errors_list_the_ifus_with_data(tmp_path):
         open_cube(two)
     one_line_naming(err, two)
     assert open_cube(two, ifu=3).attrs["source_hdu"] == "IFU.3.DATA"
+
+
+def test_nm_axis_with_pc_cdelt_and_var_extension(tmp_path):
+    """Bare primary cube, nm axis as PC3_3 × CDELT3, variance in a VAR HDU."""
+    wave = vacuum_grid()
+    primary = fits.PrimaryHDU(model_flux(wave).astype(np.float32))
+    primary.header.update(CTYPE3="WAVE", CUNIT3="nm", CRVAL3=WAVE0_UM * 1e3, CRPIX3=1.0,
+                          CDELT3=2.0, PC3_3=DWAVE_UM * 1e3 / 2.0, BUNIT="1e-20 erg/s/cm2/AA")
+    cube = open_cube(write(tmp_path, "nm", [primary, image(model_sigma(wave) ** 2, "VAR")]))
+    np.testing.assert_allclose(cube.wave, wave, rtol=1e-12)
+    np.testing.assert_allclose(cube.flux, model_flux(wave), rtol=1e-6)
+    np.testing.assert_allclose(cube.noise, model_sigma(wave), rtol=1e-6)
+    assert cube.attrs["noise_kind_in_file"] == "variance" and cube.attrs["noise_hdu"] == "VAR"
+
+
+def test_linear_spatial_axes_in_arcsec_still_give_a_pixel_scale(tmp_path):
+    primary = fits.PrimaryHDU(np.ones((10, 3, 3), dtype=np.float32))
+    t = np.deg2rad(30.0)
+    primary.header.update(CTYPE1="LINEAR", CTYPE2="LINEAR", CUNIT1="arcsec", CUNIT2="arcsec",
+                          CD1_1=0.1 * np.cos(t), CD1_2=-0.1 * np.sin(t),
+                          CD2_1=0.1 * np.sin(t), CD2_2=0.1 * np.cos(t))
+    linear_spectral(primary.header)
+    cube = open_cube(write(tmp_path, "lin_arcsec", [primary]))
+    assert cube.attrs["pixel_scale_arcsec"] == pytest.approx(0.1, rel=1e-12)
+    assert cube.attrs["wcs"] == ""
+
+
+def test_jwst_wave_tab_axis_reads_the_wcs_table(tmp_path):
+    """NIRSpec/MIRI cubes on non-linear grids: CTYPE3 = 'WAVE-TAB' + a WCS-TABLE extension."""
+    wave = WAVE0_UM + DWAVE_UM * np.arange(NWAVE) ** 1.02
+    sci = image(model_flux(wave), "SCI", BUNIT="1e-20 erg/s/cm2/Angstrom", CTYPE3="WAVE-TAB",
+                CUNIT3="um", PS3_0="WCS-TABLE", PS3_1="wavelength", CRPIX3=1.0, CDELT3=1.0)
+    table = fits.BinTableHDU.from_columns(
+        [fits.Column(name="wavelength", format=f"{NWAVE}D", dim=f"(1,{NWAVE})",
+                     array=wave.reshape(1, NWAVE, 1))], name="WCS-TABLE")
+    path = write(tmp_path, "tab", [fits.PrimaryHDU(), sci, image(model_sigma(wave), "ERR"), table])
+    cube = open_cube(path)
+    np.testing.assert_allclose(cube.wave, wave, rtol=1e-14)
+    np.testing.assert_allclose(cube.flux, model_flux(wave), rtol=1e-6)
+    assert cube.attrs["wavelength_medium_in_file"] == "vacuum"
+
+
+def test_cube_survives_a_netcdf_round_trip_exactly(tmp_path):
+    from klever_nb.io import read_netcdf, write_netcdf
+
+    cube = open_cube(muse_air(tmp_path)[0])
+    back = read_netcdf(write_netcdf(cube, tmp_path / "cube.nc"))
+    xr = pytest.importorskip("xarray")
+    xr.testing.assert_identical(cube, back)
+    assert back.attrs["wavelength_medium_assumed"] is False
+
+
+def test_ifu_given_for_a_combined_cube_is_an_error(tmp_path):
+    path, _ = kmos_combined_um(tmp_path)
+    with pytest.raises(InputError, match="ifu=3") as err:
+        open_cube(path, ifu=3)
+    one_line_naming(err, path)
+
+
+def test_data_hdu_that_is_not_a_cube(tmp_path):
+    path = write(tmp_path, "img", [fits.PrimaryHDU(), image(np.ones((4, 4)), "SCI")])
+    with pytest.raises(InputError, match="NAXIS = 2") as err:
+        open_cube(path)
+    one_line_naming(err, path)
+    assert "'SCI'" in str(err.value)
+
+
+@pytest.mark.parametrize(("crval", "cdelt"), [(2.1, 2.5e-4), (21000.0, 2.5), (2.1e-6, 2.5e-10)])
+def test_wave_axis_without_cunit3_takes_the_unit_from_the_values(tmp_path, crval, cdelt):
+    primary = fits.PrimaryHDU(np.ones((10, 2, 2), dtype=np.float32))
+    primary.header.update(CTYPE3="WAVE", CRVAL3=crval, CDELT3=cdelt, CRPIX3=1.0)
+    cube = open_cube(write(tmp_path, f"nocunit{crval}", [primary]))
+    np.testing.assert_allclose(cube.wave, 2.1 + 2.5e-4 * np.arange(10), rtol=1e-12)
+    assert "assumed" in cube.attrs["wave_unit_in_file"]

@@ -48,6 +48,7 @@ __all__ = [
     "WAVELENGTH_MEDIA",
     "WavelengthMediumWarning",
     "air_to_vacuum",
+    "estimate_noise",
     "open_cube",
     "vacuum_to_air",
 ]
@@ -191,9 +192,10 @@ def _open_fits(path: Path) -> fits.HDUList:
             raise _input_error(path, None, None, f"not a readable FITS file ({exc})",
                                "give a FITS cube (re-download it if it was truncated)") from exc
     for w in caught:
-        if "truncated" in str(w.message).lower():
+        message = str(w.message).lower()
+        if "truncated" in message or "corrupted" in message:
             hdul.close()
-            raise _input_error(path, None, None, f"truncated FITS file ({w.message})",
+            raise _input_error(path, None, None, f"truncated or corrupted FITS file ({w.message})",
                                "re-download or re-write the file")
     return hdul
 
@@ -278,6 +280,10 @@ def _find_layout(path: Path, hdul: fits.HDUList, ifu) -> _Layout:
     layout = _kmos_ifu_layout(path, hdul, names, ifu)
     if layout is not None:
         return layout
+    if ifu is not None:
+        raise _input_error(path, None, "ifu", f"ifu={ifu!r} was given but the file has no "
+                           "IFU.<n>.DATA extensions (not a KMOS per-exposure file)",
+                           "drop ifu= (--ifu)")
     wave_table = next((i for i, n in enumerate(names) if n in _WAVE_TABLE_NAMES), None)
     for index, name in enumerate(names):
         prefix = ""
@@ -377,7 +383,11 @@ def _quiet_wcs(header, **kwargs) -> WCS:
 
 
 def _assumed_unit(path, hdu_name, header, key: str, values) -> u.UnitBase:
-    """Unit of a wavelength axis from ``key``; IRAF convention (Å) when absent."""
+    """Unit of a wavelength axis from ``key``; when absent, from the values.
+
+    Without a unit keyword, values above 100 are Å (the IRAF convention for ``LAMBDA``),
+    values above 1e-3 are µm (KMOS/SINFONI-like), smaller ones m (the FITS default).
+    """
     text = str(header.get(key, "") or "").strip()
     if text:
         try:
@@ -391,7 +401,7 @@ def _assumed_unit(path, hdu_name, header, key: str, values) -> u.UnitBase:
                                "only wavelength axes are supported")
         return unit
     typical = float(np.nanmedian(np.abs(values)))
-    return u.AA if typical > 100.0 else u.um
+    return u.AA if typical > 100.0 else (u.um if typical > 1e-3 else u.m)
 
 
 def _spectral_step(header) -> float:
@@ -401,7 +411,8 @@ def _spectral_step(header) -> float:
     return float(header.get("PC3_3", 1.0)) * float(header.get("CDELT3", 1.0))
 
 
-def _wave_from_header(path, hdu_name, header, n_wave: int) -> tuple[np.ndarray, str | None, str]:
+def _wave_from_header(path, hdul, hdu_name, header,
+                      n_wave: int) -> tuple[np.ndarray, str | None, str]:
     """Wavelengths (µm, file medium), the medium the header states (or None), and CTYPE3."""
     ctype = str(header.get("CTYPE3", "") or "").strip().upper()
     if not ctype:
@@ -411,7 +422,10 @@ def _wave_from_header(path, hdu_name, header, n_wave: int) -> tuple[np.ndarray, 
     algorithm = algorithm.strip("-")
     if code in _CTYPE_MEDIUM and algorithm in ("", "LOG"):
         medium, spectral_ctype = _CTYPE_MEDIUM[code], f"WAVE-{algorithm}" if algorithm else "WAVE"
-        unit_text = str(header.get("CUNIT3", "") or "m")
+        unit_text = _assumed_unit(path, hdu_name, header, "CUNIT3",
+                                  np.atleast_1d(header.get("CRVAL3", 1.0))).to_string("fits")
+    elif code in _CTYPE_MEDIUM and algorithm == "TAB":  # JWST non-linear grids: WCS-TABLE
+        return _wave_from_tab(path, hdul, hdu_name, header, n_wave), _CTYPE_MEDIUM[code], ctype
     elif ctype in _CTYPE_NONSTANDARD:
         medium, spectral_ctype = None, "WAVE"
         unit_text = _assumed_unit(path, hdu_name, header, "CUNIT3",
@@ -434,6 +448,28 @@ def _wave_from_header(path, hdu_name, header, n_wave: int) -> tuple[np.ndarray, 
         raise _input_error(path, hdu_name, "CRVAL3/CDELT3", "wavelength axis has non-positive "
                            "or non-finite values", "check the spectral WCS keywords")
     return wave_um, medium, ctype
+
+
+def _wave_from_tab(path, hdul, hdu_name, header, n_wave: int) -> np.ndarray:
+    """Wavelengths of a ``WAVE-TAB`` axis: table HDU ``PS3_0``, column ``PS3_1`` (FITS paper III)."""
+    table_name = str(header.get("PS3_0", "WCS-TABLE")).strip().upper()
+    column = str(header.get("PS3_1", "wavelength")).strip()
+    names = [_hdu_name(hdul, i) for i in range(len(hdul))]
+    if table_name not in names:
+        raise _input_error(path, hdu_name, "PS3_0", f"CTYPE3 is -TAB but the table HDU "
+                           f"{table_name!r} is missing", "keep the WCS-TABLE extension")
+    table = hdul[names.index(table_name)]
+    try:
+        values = np.asarray(table.data[column], dtype=np.float64).ravel()
+    except (KeyError, TypeError) as exc:
+        raise _input_error(path, table_name, "PS3_1", f"no column {column!r}",
+                           "keep the wavelength column of the WCS table") from exc
+    if values.size != n_wave:
+        raise _input_error(path, table_name, "PS3_1", f"{values.size} wavelengths for "
+                           f"{n_wave} channels", "give the matching WCS table")
+    unit_text = header.get("CUNIT3") or table.columns[column].unit or ""
+    unit = _assumed_unit(path, hdu_name, {"CUNIT3": unit_text}, "CUNIT3", values)
+    return (values * unit).to_value(u.um)
 
 
 def _wave_from_table(path, hdul, index: int, n_wave: int) -> np.ndarray:
@@ -722,6 +758,37 @@ def open_cube(path, *, noise_kind: str | None = None, wavelength_medium: str | N
                            instrument=instrument)
 
 
+def _unit_note(hdul, layout: _Layout, header) -> str:
+    if layout.wave_table is None and header.get("CUNIT3"):
+        return str(header["CUNIT3"]).strip()
+    if layout.wave_table is None:
+        return "assumed from the values (CUNIT3 missing): Å above 100, µm above 1e-3, else m"
+    return f"from HDU {_hdu_name(hdul, layout.wave_table)}"
+
+
+def _read_noise(path, hdul, layout: _Layout, flux: np.ndarray, flux_unit: u.UnitBase,
+                noise_kind: str | None) -> tuple[np.ndarray, str, str, dict, str]:
+    """1σ noise cube, its HDU name, the kind in the file, its attrs, and how it was estimated."""
+    shape = flux.shape
+    if layout.noise is None:
+        sigma = estimate_noise(flux)
+        method = ("estimated per channel: 1.4826*MAD over spaxels of "
+                  "(2f_i - f_(i-2) - f_(i+2))/sqrt(6), running median over 5 channels "
+                  "(DER_SNR, Stoehr et al. 2008)")
+        return np.broadcast_to(sigma[:, None, None], shape).copy(), "", "none", {}, method
+    noise_hdu = hdul[layout.noise]
+    noise_name = _hdu_name(hdul, layout.noise)
+    kind = noise_kind or layout.noise_kind
+    if noise_hdu.data is None or noise_hdu.data.shape != shape:
+        found = None if noise_hdu.data is None else noise_hdu.data.shape
+        raise _input_error(path, noise_name, "NAXIS", f"noise shape {found} differs from "
+                           f"the data shape {shape}", "give a noise cube of the same shape")
+    noise = _noise_to_sigma(np.array(noise_hdu.data, dtype=np.float64), kind)
+    noise *= _noise_unit_scale(noise_hdu.header, flux_unit, kind)
+    attrs = {"units_original": str(noise_hdu.header.get("BUNIT", "") or "")}
+    return noise, noise_name, kind, attrs, ""
+
+
 def _build_cube(path, hdul, layout: _Layout, *, noise_kind, wavelength_medium, band,
                 instrument) -> xr.Dataset:
     data_hdu = hdul[layout.data]
@@ -741,42 +808,23 @@ def _build_cube(path, hdul, layout: _Layout, *, noise_kind, wavelength_medium, b
                                                "vacuum")
         ctype = str(header.get("CTYPE3", "") or _hdu_name(hdul, layout.wave_table))
     else:
-        wave_file, medium_in_header, ctype = _wave_from_header(path, data_name, header, shape[0])
+        wave_file, medium_in_header, ctype = _wave_from_header(path, hdul, data_name, header,
+                                                               shape[0])
     medium, assumed = _decide_medium(path, wave_file, medium_in_header, wavelength_medium, ctype)
     wave_um = air_to_vacuum(wave_file) if medium == "air" else wave_file
 
     # Units.
     flux_unit, units_original = _flux_unit(path, data_name, header, primary)
 
-    # Noise.
-    noise_attrs = {}
-    if layout.noise is not None:
-        noise_hdu = hdul[layout.noise]
-        noise_name = _hdu_name(hdul, layout.noise)
-        kind = noise_kind or layout.noise_kind
-        if noise_hdu.data is None or noise_hdu.data.shape != shape:
-            found = None if noise_hdu.data is None else noise_hdu.data.shape
-            raise _input_error(path, noise_name, "NAXIS", f"noise shape {found} differs from "
-                               f"the data shape {shape}", "give a noise cube of the same shape")
-        noise = _noise_to_sigma(np.array(noise_hdu.data, dtype=np.float64), kind)
-        noise *= _noise_unit_scale(noise_hdu.header, flux_unit, kind)
-        noise_attrs["units_original"] = str(noise_hdu.header.get("BUNIT", "") or "")
-        estimated, noise_method = False, ""
-    else:
-        noise_name, kind = "", "none"
-        sigma = estimate_noise(flux)
-        noise = np.broadcast_to(sigma[:, None, None], shape).copy()
-        estimated = True
-        noise_method = ("estimated per channel: 1.4826*MAD over spaxels of "
-                        "(2f_i - f_(i-2) - f_(i+2))/sqrt(6), running median over 5 channels "
-                        "(DER_SNR, Stoehr et al. 2008)")
-
-    # Masks.
-    bad = ~np.isfinite(flux) | ~np.isfinite(noise) | (noise <= 0)
+    # Masks from the file first (so that a noise estimate ignores them), then noise (1σ).
     mask_name = ""
     if layout.mask is not None:
         mask_name = _hdu_name(hdul, layout.mask)
-        bad |= _read_mask(path, hdul, layout.mask, shape)
+        flux[np.broadcast_to(_read_mask(path, hdul, layout.mask, shape), shape)] = np.nan
+    noise, noise_name, kind, noise_attrs, noise_method = _read_noise(
+        path, hdul, layout, flux, flux_unit, noise_kind)
+    estimated = layout.noise is None
+    bad = ~np.isfinite(flux) | ~np.isfinite(noise) | (noise <= 0)
     flux[bad] = np.nan
     noise[bad] = np.nan
 
@@ -815,6 +863,7 @@ def _build_cube(path, hdul, layout: _Layout, *, noise_kind, wavelength_medium, b
         "wavelength_medium_in_file": medium,
         "wavelength_medium_assumed": assumed,
         "ctype3": ctype,
+        "wave_unit_in_file": _unit_note(hdul, layout, header),
         "noise_kind_in_file": kind,
         "noise_estimated": estimated,
     }
