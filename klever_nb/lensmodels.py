@@ -270,6 +270,9 @@ class ParametricLens:
         for i, comp in enumerate(comps):
             _validate_component(comp, f"components[{i}]")
 
+    def __hash__(self) -> int:
+        return hash(tuple(tuple(sorted(c.items())) for c in self.components))
+
     # -- core -------------------------------------------------------------
     def deflection(self, x, y) -> _ArrayPair:
         """Total deflection (alpha_x, alpha_y) in arcsec at image positions (x, y) in arcsec."""
