@@ -148,6 +148,9 @@ def balmer_ebv(maps: xr.Dataset, *, min_snr_hbeta: float = 3.0, min_snr_halpha: 
         else:
             snr_ha, snr_hb = ha / ha_err, hb / hb_err
         ok = (ha > 0) & (hb > 0) & (ha_err > 0) & (hb_err > 0)
+        if "fit_ok" in maps and "line" in maps["fit_ok"].dims:
+            ok = ok & maps["fit_ok"].sel(line="Halpha", drop=True).astype(bool)
+            ok = ok & maps["fit_ok"].sel(line="Hbeta", drop=True).astype(bool)
         ok = ok & (snr_ha.fillna(-np.inf) >= min_snr_halpha)
         ok = ok & (snr_hb.fillna(-np.inf) >= min_snr_hbeta)
         const = balmer_constant(law=law, r_v=r_v)

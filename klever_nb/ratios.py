@@ -212,7 +212,8 @@ def oiii_4959_is_tied(maps: xr.Dataset, *, rtol: float = 1e-4) -> bool:
     return bool(np.allclose(f49[both], f50[both] / OIII_RATIO, rtol=rtol, atol=0.0))
 
 
-def _line_arrays(maps: xr.Dataset, line: str) -> tuple[xr.DataArray, xr.DataArray, xr.DataArray]:
+def _line_arrays(maps: xr.Dataset, line: str, use_detected: bool = False
+                 ) -> tuple[xr.DataArray, xr.DataArray, xr.DataArray]:
     flux = maps["flux"].sel(line=line, drop=True).astype(float)
     err_name = "flux_err_stat" if "flux_err_stat" in maps else "flux_err"
     err = maps[err_name].sel(line=line, drop=True).astype(float)
@@ -221,7 +222,9 @@ def _line_arrays(maps: xr.Dataset, line: str) -> tuple[xr.DataArray, xr.DataArra
     else:
         with np.errstate(divide="ignore", invalid="ignore"):
             snr = flux / err
-    if "detected" in maps:
+    if "fit_ok" in maps and "line" in maps["fit_ok"].dims:
+        snr = snr.where(maps["fit_ok"].sel(line=line, drop=True).astype(bool))
+    if use_detected and "detected" in maps:
         snr = snr.where(maps["detected"].sel(line=line, drop=True).astype(bool))
     return flux, err, snr
 
@@ -236,6 +239,7 @@ def observed_log_ratio(
     ebv_err: xr.DataArray | float | None = None,
     ebv_from_balmer: xr.DataArray | bool | None = None,
     oiii_4959: str = "auto",
+    use_detected: bool = False,
     law: str = "CCM89",
     r_v: float = R_V,
 ) -> tuple[xr.DataArray, xr.DataArray, xr.DataArray]:
@@ -247,7 +251,9 @@ def observed_log_ratio(
     Parameters
     ----------
     maps : xarray.Dataset
-        ``flux``, ``flux_err`` (1 sigma), optionally ``snr`` and ``detected``. If
+        ``flux``, ``flux_err`` (1 sigma), optionally ``snr`` (used for the
+        thresholds instead of flux/flux_err), ``fit_ok`` (False = unusable) and
+        ``detected``. If
         ``maps.attrs["dust_corrected"]`` is true (output of
         :func:`klever_nb.dust.correct_for_dust`), the stored ``ebv_err`` enters
         the error as a term correlated between the lines of the ratio.
@@ -263,10 +269,15 @@ def observed_log_ratio(
         Hbeta; its error is then propagated exactly through the chain rule (the
         Hbeta that sits in R2/R23 and in E(B-V) is the same measurement) and
         ``ebv_err`` is ignored there.
+    use_detected : bool
+        Also require the fitter's ``detected`` flag. Off by default: the fitter
+        flags detections at SNR > 3 (K20 §3.1), which would override the 2.5
+        threshold of the weak lines (K20 §4.2).
     oiii_4959 : {"auto", "tied", "measured"}
         How [OIII]4959 enters R23: "tied" uses 5007/OIII_RATIO (correlated),
         "measured" the fitted 4959 flux, "auto" detects a tie
-        (:func:`oiii_4959_is_tied`).
+        (:func:`oiii_4959_is_tied`). Where a measured 4959 is not finite or not
+        positive, 5007/OIII_RATIO replaces it in that pixel.
     law, r_v : str, float
         Extinction law for the dust correction.
 
@@ -318,7 +329,7 @@ def observed_log_ratio(
 
     flux, err, snr = {}, {}, {}
     for line in involved + extra:
-        flux[line], err[line], snr[line] = _line_arrays(maps, line)
+        flux[line], err[line], snr[line] = _line_arrays(maps, line, use_detected)
     template = flux[involved[0]]
 
     # --- usability: finite, positive, SNR thresholds on each species (doublets summed)
@@ -351,17 +362,24 @@ def observed_log_ratio(
         usable = usable & np.isfinite(ebv_arr)
 
     flux_values = {line: flux[line].where(usable) for line in involved}
+    derived_4959 = None  # pixels where a measured 4959 is unusable: 5007/ratio instead
     if "OIII_4959" in definition.lines:
         if tied:
             flux_values["OIII_4959"] = flux_values["OIII_5007"] / OIII_RATIO
         else:
             f49 = flux_values["OIII_4959"]
-            flux_values["OIII_4959"] = f49.where(np.isfinite(f49) & (f49 >= 0), 0.0)
+            good49 = (np.isfinite(f49) & (f49 > 0) & np.isfinite(err["OIII_4959"])
+                      & (err["OIII_4959"] > 0))
+            flux_values["OIII_4959"] = f49.where(good49, flux_values["OIII_5007"] / OIII_RATIO)
+            derived_4959 = ~good49.broadcast_like(template).values
     arrays = {line: xr.broadcast(value, template)[0] for line, value in flux_values.items()}
     dims = template.dims
     log_r_np, jac = log_ratio_from_fluxes(diagnostic, {n: a.values for n, a in arrays.items()})
     if tied:  # 4959 = 5007/ratio: its derivative adds to 5007's (fully correlated)
         jac["OIII_5007"] = jac["OIII_5007"] + jac.pop("OIII_4959")
+    elif derived_4959 is not None:
+        jac["OIII_5007"] = jac["OIII_5007"] + np.where(derived_4959, jac["OIII_4959"], 0.0)
+        jac["OIII_4959"] = np.where(derived_4959, 0.0, jac["OIII_4959"])
 
     # --- error propagation in log space
     dust_slope = sum(jac[line] * k[line] for line in jac) * 0.4  # d log R / d E(B-V)
