@@ -14,6 +14,7 @@ DESIGN.md "Input files".
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import astropy.units as u
@@ -30,8 +31,6 @@ __all__ = ["open_image", "open_lens_maps", "wcs_from_string", "pixel_scale_from_
 def wcs_from_string(header: str) -> WCS:
     """Celestial :class:`~astropy.wcs.WCS` from the header string kept in ``attrs["wcs"]``."""
     sep = "\n" if "\n" in header else ""
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FITSFixedWarning)
         return WCS(fits.Header.fromstring(header, sep=sep)).celestial
@@ -97,8 +96,6 @@ def open_image(path: str | Path, *, hdu: int | str | None = None) -> xr.DataArra
     """
     path = Path(path)
     data, header = _read_2d(path, hdu)
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FITSFixedWarning)
         try:
