@@ -1776,6 +1776,11 @@ def unlensed_source_maps(line_maps: xr.Dataset, *, redshift: float, psf_fwhm_arc
         ys_arcsec=("ys", ys_arcsec, {"units": "arcsec"}),
         beta_x=("xs", np.arange(nx) * pix, {"units": "arcsec"}),
         beta_y=("ys", np.arange(ny) * pix, {"units": "arcsec"}))
+    finite = np.isfinite(out["flux"]).any("line") if "line" in out["flux"].dims \
+        else np.isfinite(out["flux"])
+    out["n_image_pixels"] = finite.astype(np.int32).transpose("ys", "xs")
+    out["n_image_pixels"].attrs = {"description": "image pixels that fed each source pixel "
+                                   "(unlensed: the image itself, 1 per observed pixel)"}
     out.attrs.update(pixel_scale_arcsec=pix, source_pixel_arcsec=pix, kpc_per_arcsec=scale,
                      centre_beta_arcsec=[cx * pix, cy * pix], plane="source (unlensed)",
                      redshift=float(redshift))

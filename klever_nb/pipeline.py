@@ -86,7 +86,8 @@ def read_galaxy_cubes(cfg: GalaxyConfig) -> xr.DataTree:
     return xr.DataTree.from_dict(children)
 
 
-def read_lens(cfg: GalaxyConfig, cube_wcs: str) -> tuple[xr.Dataset, list[xr.Dataset]]:
+def read_lens(cfg: GalaxyConfig, cube_wcs: str,
+              cube_shape: tuple[int, int] | None = None) -> tuple[xr.Dataset, list[xr.Dataset]]:
     """Deflection (and kappa/gamma) maps for the source redshift, plus alternative models."""
     from klever_nb import lensing
     from klever_nb.io.images import open_lens_maps
@@ -119,7 +120,8 @@ def read_lens(cfg: GalaxyConfig, cube_wcs: str) -> tuple[xr.Dataset, list[xr.Dat
         alternatives.append(lensing.rescale_lens(alt, z_lens=lens_cfg.z_lens,
                                                  z_source=cfg.redshift,
                                                  normalisation=lens_cfg.normalisation))
-    lensing.check_overlap(lens, cube_wcs=cube_wcs, source=str(lens_cfg.deflection_x or "lens"))
+    lensing.check_overlap(lens, cube_wcs=cube_wcs, cube_shape=cube_shape,
+                          source=str(lens_cfg.deflection_x or "lens"))
     return lens, alternatives
 
 
@@ -161,7 +163,8 @@ def run_galaxy(config_path: str | Path, out_dir: str | Path, *, force: bool = Fa
     tree = read_galaxy_cubes(cfg)
     first = next(iter(tree.children.values())).to_dataset()
     cube_wcs = first.attrs.get("wcs", "")
-    lens, alternatives = (read_lens(cfg, cube_wcs) if cfg.lensed else (None, []))
+    cube_shape = (first.sizes["y"], first.sizes["x"])
+    lens, alternatives = (read_lens(cfg, cube_wcs, cube_shape) if cfg.lensed else (None, []))
 
     products = Path(out_dir) / cfg.name
     products.mkdir(parents=True, exist_ok=True)
@@ -170,7 +173,8 @@ def run_galaxy(config_path: str | Path, out_dir: str | Path, *, force: bool = Fa
     bar = tqdm(total=len(stages), desc=cfg.name, disable=(None if progress is None
                                                           else not progress), leave=False)
     summary: dict[str, Any] = {"name": cfg.name, "redshift": cfg.redshift,
-                               "lensed": cfg.lensed, "instrument": cfg.instrument}
+                               "lensed": cfg.lensed, "instrument": cfg.instrument,
+                               "config_path": str(cfg.path)}
 
     cubes_hash = _hash(base_hash, "cubes")
     cubes_path = products / "cubes_aligned.nc"
@@ -218,6 +222,10 @@ def _fit_stage(tree: xr.DataTree, cfg: GalaxyConfig) -> xr.Dataset:
     for name in ("flux", "flux_err", "snr", "detected", "upper_limit", "velocity", "sigma"):
         if name in integrated:
             maps[f"integrated_{name}"] = integrated[name].rename({"line": "line"})
+    first = next(iter(tree.children.values())).to_dataset()
+    for key in ("pixel_scale_arcsec", "wcs"):
+        if key in first.attrs:
+            maps.attrs.setdefault(key, first.attrs[key])
     maps.attrs["integrated_attrs"] = json.dumps({k: v for k, v in integrated.attrs.items()
                                                  if isinstance(v, str | int | float)})
     return maps
@@ -243,6 +251,9 @@ def _lens_stage(maps: xr.Dataset, cfg: GalaxyConfig, lens: xr.Dataset | None,
     from klever_nb import lensing
 
     s = cfg.analysis
+    keep = [v for v in ("flux", "flux_err", "snr", "velocity", "velocity_err", "sigma",
+                        "sigma_err") if v in maps]
+    maps = maps[keep]
     if lens is None:
         source, info = lensing.unlensed_source_maps(maps, redshift=cfg.redshift,
                                                     psf_fwhm_arcsec=cfg.psf_fwhm_arcsec)
@@ -257,6 +268,7 @@ def _lens_stage(maps: xr.Dataset, cfg: GalaxyConfig, lens: xr.Dataset | None,
 
 def _metallicity_stage(maps: xr.Dataset, source: xr.Dataset, cfg: GalaxyConfig,
                        summary: dict) -> xr.Dataset:
+    """Dust, metallicity map (source plane), global metallicity and SFR (K20 §3.3-3.4, §4.2)."""
     from klever_nb import dust, metallicity, sfr
 
     s = cfg.analysis
@@ -264,25 +276,23 @@ def _metallicity_stage(maps: xr.Dataset, source: xr.Dataset, cfg: GalaxyConfig,
     diagnostics = metallicity.choose_diagnostics(
         integrated, redshift=cfg.redshift,
         requested=list(s.diagnostics) if s.diagnostics else None)
-    ebv_global = dust.balmer_ebv(integrated)
-    ebv = float(ebv_global["ebv"]) if np.isfinite(ebv_global["ebv"]) else 0.0
-    ebv_err = float(ebv_global["ebv_err"]) if np.isfinite(ebv_global["ebv_err"]) else 0.0
+    ebv, ebv_err = dust.integrated_balmer_ebv(integrated)
+    ebv = float(ebv) if np.isfinite(ebv) else 0.0  # no Balmer decrement: no correction
+    ebv_err = float(ebv_err) if np.isfinite(ebv_err) else 0.0
     metal = metallicity.metallicity_map(
         source, diagnostics=diagnostics, calibration_set=s.calibration_set,
         redshift=cfg.redshift, ebv=ebv, ebv_err=ebv_err, method=s.metallicity_method,
         snr_min_strong=s.snr_strong, snr_min_weak=s.snr_weak)
-    glob = metallicity.metallicity_map(
-        integrated, diagnostics=diagnostics, calibration_set=s.calibration_set,
-        redshift=cfg.redshift, ebv=ebv, ebv_err=ebv_err, method="grid",
-        snr_min_strong=constants.DETECTION_SNR, snr_min_weak=constants.DETECTION_SNR)
-    info: dict[str, Any] = {
-        "global_oh": float(glob["oh"]),
-        "global_oh_err": [float(glob["oh"] - glob["oh_lo"]), float(glob["oh_hi"] - glob["oh"])],
-        "diagnostics": list(diagnostics), "ebv": ebv, "ebv_err": ebv_err,
-    }
+    info: dict[str, Any] = metallicity.global_metallicity(
+        integrated, redshift=cfg.redshift, diagnostics=diagnostics,
+        calibration_set=s.calibration_set, ebv=ebv, ebv_err=ebv_err,
+        snr_min_strong=s.detection_snr, snr_min_weak=s.detection_snr)
+    info.update({"ebv": ebv, "ebv_err": ebv_err})
     lensing_info = json.loads(source.attrs.get("lensing_summary", "{}"))
     mu = lensing_info.get("mu_halpha", 1.0) if cfg.lensed else 1.0
     mu_err = lensing_info.get("mu_halpha_err", 0.0) if cfg.lensed else 0.0
+    if not np.isfinite(mu):
+        mu, mu_err = lensing_info.get("mu_maps", 1.0), 0.0
     if "Halpha" in maps["line"].values:
         total, total_err = sfr.total_halpha(maps, snr_min=constants.SFR_SNR)
         rate = sfr.sfr_from_halpha(total, total_err, redshift=cfg.redshift, ebv=ebv,
@@ -316,17 +326,26 @@ def _gradient_stage(products: Path, metal: xr.Dataset, source: xr.Dataset, maps:
     psf = {"fwhm_major_kpc": summary["source_psf_fwhm_kpc"][0],
            "fwhm_minor_kpc": summary["source_psf_fwhm_kpc"][1],
            "pa_deg": summary.get("source_psf_pa_deg", 0.0)}
-    profile, info = gradients.measure_gradient(metal, psf=psf, step_fraction=cfg.analysis.step_fraction,
-                                               line_maps=source)
+    profile, info = gradients.measure_gradient(
+        metal, psf=psf, step_fraction=cfg.analysis.step_fraction, line_maps=source)
     lines = ["radius_kpc,oh,oh_err,n_pixels"]
     for r, oh, err, n in zip(profile["radius_kpc"].values, profile["oh"].values,
                              profile["oh_err"].values, profile["n_pixels"].values, strict=True):
         lines.append(f"{r:.4f},{oh:.4f},{err:.4f},{n:.2f}")
     write_text("\n".join(lines) + "\n", profile_path)
-    if cfg.analysis.forward_gradient and "gradient_dex_per_kpc" in info:
-        info.update(_forward_gradient(maps, cfg, lens, summary))
-    fig = figures.gradient_figure(source, metal, profile, info, psf=psf,
-                                  global_oh=summary.get("global_oh"))
+    info = {k: v for k, v in info.items() if k != "fit"}
+    forward = {}
+    if cfg.analysis.forward_gradient and np.isfinite(info.get("gradient_dex_per_kpc", np.nan)):
+        forward = _forward_gradient(maps, source, cfg, lens, summary)
+        info.update(forward)
+    fig = figures.gradient_figure(
+        metal, profile, info, psf=psf, line_maps=source, global_oh=summary.get("global_oh"),
+        global_oh_err=tuple(summary["global_oh_err"]) if "global_oh_err" in summary else None,
+        forward=({"gradient_dex_per_kpc": forward["gradient_forward_dex_per_kpc"],
+                  "gradient_err": forward["gradient_forward_err"],
+                  "central_oh": forward.get("central_forward_oh", np.nan)}
+                 if "gradient_forward_dex_per_kpc" in forward else None),
+        title=cfg.name)
     from klever_nb.io import atomic_path
 
     with atomic_path(products / "gradient.png") as tmp:
@@ -338,7 +357,7 @@ def _gradient_stage(products: Path, metal: xr.Dataset, source: xr.Dataset, maps:
     return info
 
 
-def _forward_gradient(maps, cfg, lens, summary) -> dict:
+def _forward_gradient(maps, source, cfg, lens, summary) -> dict:
     try:
         from klever_nb import forward_gradient
     except ImportError:

@@ -147,7 +147,6 @@ def test_fit_rejects_negative_redshift(mock_sample, tmp_path, capsys):
 
 def test_fit_writes_line_maps_and_summary(mock_sample, tmp_path):
     import json
-
     import tomllib
 
     toml = _copy_galaxy(mock_sample, tmp_path, lensed=False)

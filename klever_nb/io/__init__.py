@@ -29,3 +29,7 @@ try:  # the cube readers (klever_nb/io/cubes.py)
     __all__.append("open_cube")
 except ImportError:  # pragma: no cover - during development only
     pass
+
+from klever_nb.io.images import open_image, open_lens_maps  # noqa: E402
+
+__all__ += ["open_image", "open_lens_maps"]
