@@ -35,6 +35,7 @@ import numpy as np
 import xarray as xr
 from photutils.aperture import EllipticalAnnulus, EllipticalAperture
 from scipy import stats
+from threadpoolctl import threadpool_limits
 
 from klever_nb.errors import ConfigError, InputError
 
@@ -432,17 +433,34 @@ def log_ratio_maps(line_maps: xr.Dataset, diagnostics: Sequence[str]) -> dict[st
 
 
 def oh_from_log_ratios(log_ratios: Mapping[str, tuple[np.ndarray, np.ndarray]], *,
-                       calibration_set: str = "C20",
-                       grid: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
+                       calibration_set: str = "C20", grid: np.ndarray | None = None,
+                       engine: str = "auto") -> tuple[np.ndarray, ...]:
     """12+log(O/H) posterior median, 16th and 84th percentiles from log ratios (K20 eq. 1).
 
     chi^2(x) = sum_i (log R_i - log R_cal,i(x))^2 / (sigma_obs,i^2 + sigma_cal,i^2), flat prior
     on the calibrations' validity range, evaluated exactly on a grid for all pixels at once
-    (FACTS.md §12). A local stand-in for :mod:`klever_nb.metallicity`, used by
-    ``method="mean_ratio"`` and by the benchmarks.
+    (FACTS.md §12). ``engine="auto"`` uses :func:`klever_nb.metallicity.grid_summary` when
+    that module is importable, else the local implementation below (``"local"``), which is
+    kept as its slow twin; used by ``method="mean_ratio"`` and by the benchmarks.
     """
     from klever_nb.calibrations import get_calibration
 
+    if engine not in ("auto", "local", "metallicity"):
+        raise ConfigError(f"engine: must be 'auto', 'local' or 'metallicity', got {engine!r}")
+    if engine != "local":
+        try:
+            from klever_nb.metallicity import grid_summary, make_grid
+        except ImportError:
+            if engine == "metallicity":
+                raise
+        else:
+            diags = list(log_ratios)
+            obs = np.stack([np.asarray(log_ratios[d][0], float) for d in diags], axis=-1)
+            err = np.stack([np.asarray(log_ratios[d][1], float) for d in diags], axis=-1)
+            grid = make_grid(diags, calibration_set=calibration_set) if grid is None else grid
+            out = grid_summary(obs, err, diags, calibration_set=calibration_set, grid=grid,
+                               n_threads=1)
+            return out["oh"], out["oh_lo"], out["oh_hi"]
     cals = {d: get_calibration(d, calibration_set) for d in log_ratios}
     if grid is None:
         lo = max(c.oh_min for c in cals.values())
@@ -549,6 +567,9 @@ def fit_gradient(profile: xr.Dataset, *, method: str = "emcee", seed: int = 0,
     """
     if method not in ("emcee", "wls"):
         raise ConfigError(f"method: must be 'emcee' or 'wls', got {method!r}")
+    if method == "emcee" and (nwalkers < 4 or nsteps < 10):
+        raise ConfigError(f"nwalkers={nwalkers}, nsteps={nsteps}: emcee needs nwalkers >= 4 "
+                          "(twice the 2 parameters) and nsteps >= 10")
     x = np.asarray(profile["radius_kpc"], float)
     y = np.asarray(profile["oh"], float)
     s = np.asarray(profile["oh_err"], float)
@@ -817,12 +838,14 @@ def _map_arrays(metallicity: xr.Dataset, exclude_flags=None):
 
 def planar_fit(metallicity: xr.Dataset, *, centre_kpc: Sequence[float] = (0.0, 0.0),
                psf: Mapping[str, float] | None = None,
+               noise_kernel: Mapping[str, float] | None = None,
                exclude_flags: Sequence[str] | None = None) -> dict:
     """Weighted plane oh = a + b x + c y: size and direction of the steepest gradient.
 
     Weights 1/s_i^2 with s_i the pixel errors. The covariance is scaled by
     max(chi^2/ndof, 1) and by the noise correlation area of :func:`correlation_area_pixels`
-    (1 when ``psf`` is None, i.e. independent pixels).
+    for ``noise_kernel`` (or, if None, ``psf``, conservative; 1 when both are None, i.e.
+    independent pixels), valid when the map spans many correlation areas.
 
     Returns
     -------
@@ -849,7 +872,8 @@ def planar_fit(metallicity: xr.Dataset, *, centre_kpc: Sequence[float] = (0.0, 0
     params = cov @ (design.T @ (w * v))
     chi2 = float(np.sum(w * (v - design @ params) ** 2))
     ndof = v.size - 3
-    cov = cov * max(chi2 / max(ndof, 1), 1.0) * correlation_area_pixels(metallicity, psf)
+    kernel = noise_kernel if noise_kernel is not None else psf
+    cov = cov * max(chi2 / max(ndof, 1), 1.0) * correlation_area_pixels(metallicity, kernel)
     b, c = params[1], params[2]
     size = float(np.hypot(b, c))
     jac_size = np.array([0.0, b, c]) / max(size, 1e-30)
@@ -864,8 +888,32 @@ def planar_fit(metallicity: xr.Dataset, *, centre_kpc: Sequence[float] = (0.0, 0
             "chi2": chi2, "ndof": int(ndof), "message": ""}
 
 
+def noise_correlation_kernel(metallicity: xr.Dataset,
+                             noise_kernel: Mapping[str, float] | None) -> np.ndarray:
+    """Correlation coefficient of the pixel noise vs pixel offset (odd-sized 2-D array).
+
+    White noise smoothed by an elliptical Gaussian (``noise_kernel``, FWHMs in kpc and PA)
+    has a Gaussian autocorrelation with sqrt(2) x its sigmas; None gives independent pixels.
+    """
+    if noise_kernel is None:
+        return np.ones((1, 1))
+    ys, xs = _coords(metallicity)
+    pix = abs(xs[1] - xs[0])
+    fwhm_a, fwhm_b, pa = psf_axes(noise_kernel)
+    sa, sb = np.sqrt(2) * fwhm_a * _FWHM_TO_SIGMA / pix, np.sqrt(2) * fwhm_b * _FWHM_TO_SIGMA / pix
+    half = int(np.ceil(4 * sa))
+    dy, dx = np.mgrid[-half:half + 1, -half:half + 1].astype(float)
+    dy *= np.sign(ys[1] - ys[0])
+    dx *= np.sign(xs[1] - xs[0])
+    t = np.deg2rad(pa)
+    u = dx * np.cos(t) + dy * np.sin(t)
+    v = -dx * np.sin(t) + dy * np.cos(t)
+    return np.exp(-0.5 * ((u / sa) ** 2 + (v / sb) ** 2))
+
+
 def non_axisymmetry(metallicity: xr.Dataset, fit: Mapping[str, Any] | None = None, *,
-                    psf: Mapping[str, float] | None = None, n_sectors: int = 6,
+                    psf: Mapping[str, float] | None = None,
+                    noise_kernel: Mapping[str, float] | None = None, n_sectors: int = 6,
                     annulus_width_kpc: float | None = None, min_pixels: int = 3,
                     exclude_flags: Sequence[str] | None = None,
                     centre_kpc: Sequence[float] | None = None) -> dict:
@@ -873,19 +921,31 @@ def non_axisymmetry(metallicity: xr.Dataset, fit: Mapping[str, Any] | None = Non
 
     The residuals from the radial fit (or the map itself when ``fit`` is None) are split in
     circular annuli of width ``annulus_width_kpc`` (default half the PSF linear size, else
-    3 pixels) and ``n_sectors`` azimuthal sectors. In each cell the inverse-variance mean
-    m_s has variance v_s = min(N, A) / sum(1/s_i^2), with A the noise correlation area
-    (:func:`correlation_area_pixels`, 1 without ``psf``). Within each annulus
-    chi^2 = sum_s (m_s - m_bar)^2 / v_s with m_bar the weighted mean of the cells, and
-    ndof = (cells - 1); the annuli are added. Under axisymmetry + the stated errors chi^2
-    follows a chi^2(ndof) law.
+    3 pixels) and ``n_sectors`` azimuthal sectors. Each cell's inverse-variance mean m_s has
+    the covariance C_st = sum_{i in s, j in t} w_i w_j s_i s_j rho_ij / (W_s W_t), with rho the
+    noise correlation of :func:`noise_correlation_kernel` (independent pixels when
+    ``noise_kernel`` is None). The axisymmetric null (one mean per annulus) is fitted by
+    generalised least squares, chi^2 = (m - X mu)^T C^-1 (m - X mu) with
+    ndof = cells - annuli, and chi^2(ndof) gives the p-value.
+
+    Parameters
+    ----------
+    psf : dict, optional
+        Sets the default annulus width; also used as ``noise_kernel`` when that is None
+        (conservative: the PSF correlates the noise over a larger area than the smoothing
+        and de-lensing of real maps do).
+    noise_kernel : dict, optional
+        Elliptical Gaussian (``fwhm_major_kpc``, ``fwhm_minor_kpc``, ``pa_deg``) that smoothed
+        independent pixel noise, e.g. the source-plane image of the 0.4" smoothing kernel.
 
     Returns
     -------
     dict with ``chi2``, ``ndof``, ``p_value``, ``significance_sigma`` (one-sided Gaussian
-    equivalent), ``azimuthal_rms_dex`` (rms of m_s - m_bar), ``expected_rms_dex`` (what the
-    errors alone give), ``n_annuli``.
+    equivalent), ``azimuthal_rms_dex`` (rms of m_s minus its annulus mean),
+    ``expected_rms_dex`` (the same from the errors alone), ``n_annuli``, ``n_cells``.
     """
+    from scipy.signal import fftconvolve
+
     centre = centre_kpc if centre_kpc is not None else (
         fit.get("centre_kpc", (0.0, 0.0)) if fit is not None else (0.0, 0.0))
     valid, oh, err = _map_arrays(metallicity, exclude_flags)
@@ -896,43 +956,58 @@ def non_axisymmetry(metallicity: xr.Dataset, fit: Mapping[str, Any] | None = Non
     if annulus_width_kpc is None:
         annulus_width_kpc = (0.5 * psf_linear_size_kpc(psf) if psf is not None
                              else 3 * abs(xs[1] - xs[0]))
-    ring = np.floor(np.hypot(xx, yy) / annulus_width_kpc).astype(int)[valid]
+    ring = np.floor(np.hypot(xx, yy) / annulus_width_kpc).astype(int)
     sector = (np.floor((np.arctan2(yy, xx) % (2 * np.pi)) / (2 * np.pi / n_sectors))
-              .astype(int) % n_sectors)[valid]
-    w = 1.0 / err[valid] ** 2
-    v = values[valid]
-    n_rings = int(ring.max()) + 1 if ring.size else 0
-    cell = ring * n_sectors + sector
-    size = n_rings * n_sectors
-    count = np.bincount(cell, minlength=size).reshape(n_rings, n_sectors)
-    wsum = np.bincount(cell, w, minlength=size).reshape(n_rings, n_sectors)
-    wv = np.bincount(cell, w * v, minlength=size).reshape(n_rings, n_sectors)
-    area = correlation_area_pixels(metallicity, psf)
-    ok = count >= min_pixels
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean = wv / wsum
-        var = np.minimum(count, area) / wsum
-    chi2 = 0.0
-    ndof = 0
-    dev2, exp2, n_used = [], [], 0
-    for k in range(n_rings):
-        good = ok[k]
-        if good.sum() < 2:
-            continue
-        m, vv = mean[k, good], var[k, good]
-        mbar = np.sum(m / vv) / np.sum(1 / vv)
-        chi2 += float(np.sum((m - mbar) ** 2 / vv))
-        ndof += int(good.sum() - 1)
-        dev2.extend((m - mbar) ** 2)
-        exp2.extend(vv * (1 - (1 / vv) / np.sum(1 / vv)))
-        n_used += 1
-    if ndof == 0:
+              .astype(int) % n_sectors)
+    cell = np.where(valid, ring * n_sectors + sector, -1)
+    w = np.where(valid, 1.0 / np.where(valid, err, 1.0) ** 2, 0.0)
+    labels, counts = np.unique(cell[valid], return_counts=True)
+    labels = labels[counts >= min_pixels]
+    # keep annuli with at least two usable cells
+    rings_of = labels // n_sectors
+    ring_ids, ring_counts = np.unique(rings_of, return_counts=True)
+    labels = labels[np.isin(rings_of, ring_ids[ring_counts >= 2])]
+    if labels.size < 2:
         return {"chi2": np.nan, "ndof": 0, "p_value": np.nan, "significance_sigma": np.nan,
                 "azimuthal_rms_dex": np.nan, "expected_rms_dex": np.nan, "n_annuli": 0,
-                "message": "not enough pixels for any annulus with two sectors"}
+                "n_cells": 0, "message": "not enough pixels for any annulus with two sectors"}
+    index = np.full(int(cell.max()) + 1, -1)
+    index[labels] = np.arange(labels.size)
+    cid = np.where(cell >= 0, index[np.maximum(cell, 0)], -1)
+    use = cid >= 0
+    n = labels.size
+    wsum = np.bincount(cid[use], w[use], minlength=n)
+    mean = np.bincount(cid[use], (w * values)[use], minlength=n) / wsum
+    kernel = noise_correlation_kernel(metallicity, noise_kernel if noise_kernel is not None
+                                      else psf)
+    ws = np.where(use, w * np.where(valid, err, 0.0), 0.0)  # w_i s_i
+    cov = np.zeros((n, n))
+    rows, cols = np.nonzero(use)
+    for start in range(0, n, 64):  # batches of cells: one FFT convolution each
+        ks = np.arange(start, min(start + 64, n))
+        stack = np.zeros((ks.size, *ws.shape))
+        sel = np.isin(cid[rows, cols], ks)
+        stack[cid[rows, cols][sel] - start, rows[sel], cols[sel]] = ws[rows[sel], cols[sel]]
+        if kernel.size > 1:
+            stack = fftconvolve(stack, kernel[None], mode="same", axes=(1, 2))
+        for j, k in enumerate(ks):
+            cov[k] = np.bincount(cid[use], (ws * stack[j])[use], minlength=n)
+    cov /= np.outer(wsum, wsum)
+    cov = 0.5 * (cov + cov.T)
+    rings = labels // n_sectors
+    ring_index = np.unique(rings, return_inverse=True)[1]
+    design = np.zeros((n, ring_index.max() + 1))
+    design[np.arange(n), ring_index] = 1.0
+    with threadpool_limits(limits=1, user_api="blas"):  # tiny matrices: threads only hurt
+        cinv = np.linalg.pinv(cov, hermitian=True)
+    mu = np.linalg.solve(design.T @ cinv @ design, design.T @ cinv @ mean)
+    resid = mean - design @ mu
+    chi2 = float(resid @ cinv @ resid)
+    ndof = int(n - design.shape[1])
     p_value = float(stats.chi2.sf(chi2, ndof))
     return {"chi2": chi2, "ndof": ndof, "p_value": p_value,
             "significance_sigma": float(stats.norm.isf(np.clip(p_value, 1e-300, 1 - 1e-16))),
-            "azimuthal_rms_dex": float(np.sqrt(np.mean(dev2))),
-            "expected_rms_dex": float(np.sqrt(np.mean(exp2))), "n_annuli": n_used,
-            "correlation_area_pixels": area, "message": ""}
+            "azimuthal_rms_dex": float(np.sqrt(np.mean(resid**2))),
+            "expected_rms_dex": float(np.sqrt(np.mean(np.diag(cov)) * (1 - design.shape[1] / n))),
+            "n_annuli": int(design.shape[1]), "n_cells": int(n),
+            "correlation_area_pixels": float(kernel.sum()), "message": ""}

@@ -237,3 +237,69 @@ def test_descending_axes_give_the_same_profile():
     a = g.radial_profile(ds, psf=PSF)
     b = g.radial_profile(flipped, psf=PSF)
     assert np.allclose(a["oh"], b["oh"], atol=1e-12)
+
+
+def test_gradient_figure_draws_map_annuli_and_profile():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from klever_nb.figures import gradient_figure
+
+    ds = _linear_map()
+    ys, xs = ds["ys"].values, ds["xs"].values
+    yy, xx = np.meshgrid(ys, xs, indexing="ij")
+    ha = np.exp(-np.hypot(xx, yy))
+    maps = xr.Dataset({"flux": (("line", "ys", "xs"), ha[None])},
+                      coords={"line": ["Halpha"], "ys": ys, "xs": xs})
+    profile, summary = g.measure_gradient(ds, psf=PSF, fit_method="wls", systematics=False)
+    fig = gradient_figure(ds, profile, summary, psf=PSF, line_maps=maps, global_oh=8.4,
+                          global_oh_err=(0.05, 0.06), title="mock")
+    panels = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
+    assert len(panels) == 3
+    assert len(panels[1].patches) == profile.sizes["annulus"] + 1  # annuli + PSF
+    labels = [t.get_text() for t in panels[2].get_legend().get_texts()]
+    assert any("-0.030" in label for label in labels)
+    assert "PSF HWHM size" in labels and "global" in labels
+
+
+def test_local_metallicity_inversion_matches_the_metallicity_module():
+    pytest.importorskip("klever_nb.metallicity")
+    rng = np.random.default_rng(2)
+    truth = rng.uniform(7.9, 8.7, 50)
+    ratios = {d: (get_calibration(d).log_ratio(truth) + rng.normal(0, 0.05, 50),
+                  np.full(50, 0.05)) for d in ("N2", "R3")}
+    ratios["R3"][0][:5] = np.nan  # a missing diagnostic in some pixels
+    local = g.oh_from_log_ratios(ratios, engine="local")
+    package = g.oh_from_log_ratios(ratios, engine="metallicity")
+    for a, b in zip(local, package, strict=True):
+        assert np.allclose(a, b, atol=2e-3)
+
+
+def test_a_short_emcee_chain_is_flagged_not_raised():
+    profile = g.radial_profile(_linear_map(), psf=PSF)
+    fit = g.fit_gradient(profile, method="emcee", nsteps=20, burn=5)
+    assert fit["converged"] is False and "autocorrelation" in fit["message"]
+    with pytest.raises(ConfigError, match="nwalkers"):
+        g.fit_gradient(profile, method="emcee", nwalkers=2)
+
+
+def test_non_axisymmetry_accounts_for_correlated_noise():
+    """Noise smoothed by a known Gaussian: p-values uniform with the kernel, tiny without."""
+    from scipy.ndimage import gaussian_filter
+
+    ys, xs, yy, xx = _grid(40, pix=0.1)
+    kernel = {"fwhm_major_kpc": 0.8, "fwhm_minor_kpc": 0.5, "pa_deg": 0.0}
+    sig = (0.5 / 2.3548 / 0.1, 0.8 / 2.3548 / 0.1)  # (y, x) in pixels
+    unit = gaussian_filter(np.pad(np.ones((1, 1)), 70), sig)
+    norm = np.sqrt((unit**2).sum())
+    rng = np.random.default_rng(11)
+    fit = {"central_oh": 8.5, "gradient_dex_per_kpc": -0.03, "centre_kpc": (0.0, 0.0)}
+    with_kernel, without = [], []
+    for _ in range(30):
+        field = gaussian_filter(rng.normal(size=(141, 141)), sig)[30:111, 30:111] / norm
+        oh = 8.5 - 0.03 * np.hypot(xx, yy) + 0.05 * field
+        ds = _map(oh, np.full_like(oh, 0.05), ys, xs)
+        with_kernel.append(g.non_axisymmetry(ds, fit, noise_kernel=kernel)["p_value"])
+        without.append(g.non_axisymmetry(ds, fit)["p_value"])
+    assert stats.kstest(with_kernel, "uniform").pvalue > 0.01
+    assert np.median(without) < 1e-6

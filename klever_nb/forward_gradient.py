@@ -1,0 +1,751 @@
+"""A forward-modelled metallicity gradient fitted in the image plane (beyond K20).
+
+The paper measures gradients on back-projected source-plane maps (K20 §4.2), whose
+pixels are smeared by the distorted source-plane PSF, which flattens gradients. Here the
+gradient is fitted where the noise is independent, in the IFU pixels of the observed line
+maps: a source-plane model (exponential Halpha disc + linear metallicity gradient + line
+ratios from the calibrations) is lensed, PSF-convolved and rebinned by a *linear* operator
+and compared with the observed line maps; emcee samples the seven non-linear parameters
+while the line amplitudes are solved in closed form.
+
+Model (source plane, coordinates in kpc)
+----------------------------------------
+* Halpha surface brightness Sigma(x, y) = exp(-R / h), R the elliptical radius about
+  (x0, y0) with axis ratio q and position angle PA (from +xs towards +ys).
+* 12+log(O/H) = central + gradient x r, with r the *projected* distance from (x0, y0)
+  (``radius="projected"``, as the paper's annuli) or the deprojected disc radius R
+  (``radius="deprojected"``).
+* Each line is Sigma x 10^{log R_cal(oh)} (numerators) or Sigma (Halpha, Hbeta
+  denominators), e.g. [NII]/Halpha from N2 and [OIII]/Hbeta from R3
+  (:func:`klever_nb.calibrations.get_calibration`); Hbeta = Halpha / 2.87 up to the
+  free amplitudes below (dust that is uniform over the galaxy drops out).
+
+Likelihood
+----------
+The noise of the IFU line maps is Gaussian and independent between pixels (``flux_err``).
+Every observed line map o has its own amplitude c_o, solved in closed form (a profile
+likelihood over the amplitudes). The calibrations' intrinsic dispersion sigma_cal is a
+*galaxy-level* offset of each diagnostic, not pixel noise: with
+``calibration_scatter="offset"`` (default) the offset delta_d = log10(c_num / c_den) of each
+diagnostic gets a Gaussian prior N(0, sigma_cal^2) (this sets the absolute metallicity scale);
+with ``"none"`` numerator and denominator share one amplitude (delta_d = 0, the
+calibrations taken as exact). Treating sigma_cal as independent per-pixel scatter would wash
+out exactly the spatial information the gradient comes from, so it is not offered.
+
+References
+----------
+K20 §4.2 (the smearing the paper's annuli partially correct), FACTS.md §1 (calibrations),
+§12 (speed); emcee (Foreman-Mackey et al. 2013).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import xarray as xr
+from scipy import sparse
+from scipy.special import ndtr
+from threadpoolctl import threadpool_limits
+
+from klever_nb.calibrations import get_calibration
+from klever_nb.errors import ConfigError, InputError
+from klever_nb.gradients import DIAGNOSTIC_LINES
+
+_FWHM_TO_SIGMA = 1.0 / (2.0 * np.sqrt(2.0 * np.log(2.0)))
+PARAMETERS = ("centre_x_kpc", "centre_y_kpc", "log10_scale_length_kpc", "axis_ratio", "pa_deg",
+              "central_oh", "gradient_dex_per_kpc")
+#: Diagnostics the forward model can use: a ratio to a Balmer line (FACTS.md §1.2).
+FORWARD_DIAGNOSTICS = ("N2", "R3", "S2", "R2")
+
+
+# ---------------------------------------------------------------------------
+# Linear operators source plane -> IFU pixels
+# ---------------------------------------------------------------------------
+class LinearForward:
+    """A linear map from a source-plane image to IFU pixels: ``ifu = matrix @ source.ravel()``.
+
+    Calling it with a ``(ny_s, nx_s)`` source image returns the ``ifu_shape`` image, so it can
+    be passed wherever a ``lens_forward`` callable is expected.
+    """
+
+    def __init__(self, matrix: Any, source_shape: tuple[int, int],
+                 ifu_shape: tuple[int, int]) -> None:
+        self.matrix = matrix
+        self.source_shape = tuple(source_shape)
+        self.ifu_shape = tuple(ifu_shape)
+
+    def __call__(self, source_image: np.ndarray) -> np.ndarray:
+        out = self.matrix @ np.asarray(source_image, float).reshape(-1)
+        return np.asarray(out).reshape(self.ifu_shape)
+
+
+def linear_operator(lens_forward: Callable[[np.ndarray], np.ndarray],
+                    source_shape: tuple[int, int], *, check: bool = True) -> LinearForward:
+    """The matrix of a linear ``lens_forward`` callable, by probing it with unit images.
+
+    One call per source pixel (a ``LinearForward`` is returned unchanged). With ``check``
+    the operator is verified on a random image (relative error < 1e-6), since the forward
+    fit is only valid for a linear lens + PSF + rebin step.
+
+    Raises
+    ------
+    ConfigError
+        If the callable is not linear.
+    """
+    if isinstance(lens_forward, LinearForward):
+        return lens_forward
+    n_src = int(np.prod(source_shape))
+    probe = np.zeros(n_src)
+    columns = []
+    for j in range(n_src):
+        probe[j] = 1.0
+        columns.append(sparse.csc_matrix(np.asarray(lens_forward(probe.reshape(source_shape)),
+                                                    float).reshape(-1, 1)))
+        probe[j] = 0.0
+    ifu = np.asarray(lens_forward(probe.reshape(source_shape)))
+    op = LinearForward(sparse.hstack(columns).tocsr(), source_shape, ifu.shape)
+    if check:
+        rand = np.random.default_rng(0).random(source_shape)
+        direct = np.asarray(lens_forward(rand), float)
+        scale = max(np.abs(direct).max(), 1e-300)
+        if np.abs(op(rand) - direct).max() > 1e-6 * scale:
+            raise ConfigError("lens_forward: the callable is not linear in the source image; "
+                              "the forward gradient needs lens + PSF + rebin only")
+    return op
+
+
+def lens_forward_from_lensing(lens: xr.Dataset, *, source_maps: xr.Dataset,
+                              psf_fwhm_arcsec: float, ifu_wcs: str, ifu_shape: tuple[int, int],
+                              subsample: int = 2, shift_arcsec: tuple[float, float] = (0.0, 0.0)
+                              ) -> tuple[LinearForward, tuple[np.ndarray, np.ndarray]]:
+    """Adapter to :mod:`klever_nb.lensing`: its forward operator on the grid of source maps.
+
+    Builds :class:`klever_nb.lensing.LensingOperator` (the engine of
+    :func:`klever_nb.lensing.forward_model`: rays through the deflection maps, Gaussian PSF,
+    exact-overlap rebinning to the IFU grid) once on the grid of ``source_maps`` (a
+    :func:`klever_nb.lensing.delens` product: ``beta_x``/``beta_y`` in arcsec, ``ys``/``xs``
+    in kpc from the galaxy centre) and probes it into a matrix.
+
+    Returns
+    -------
+    operator : LinearForward
+    source_grid_kpc : (ys, xs)
+        Pass both to :func:`fit_forward_gradient` (``lens_forward=``, ``source_grid_kpc=``).
+    """
+    from klever_nb import lensing
+
+    if not hasattr(lensing, "LensingOperator"):
+        raise ConfigError("klever_nb.lensing has no LensingOperator in this version; pass your "
+                          "own lens_forward callable")
+    grid = lensing.source_grid_of(source_maps)
+    engine = lensing.LensingOperator(lens, grid, psf_fwhm_arcsec=psf_fwhm_arcsec,
+                                     ifu_wcs=ifu_wcs, ifu_shape=tuple(ifu_shape),
+                                     subsample=subsample, shift_arcsec=shift_arcsec)
+    ys = np.asarray(source_maps["ys"], float)
+    xs = np.asarray(source_maps["xs"], float)
+    n_ifu = int(np.prod(ifu_shape))
+    if hasattr(engine, "adjoint") and n_ifu < ys.size * xs.size:
+        # fewer probes through the (exact) adjoint: row i of the matrix = adjoint(e_i)
+        unit = np.zeros(n_ifu)
+        rows = []
+        for i in range(n_ifu):
+            unit[i] = 1.0
+            rows.append(sparse.csr_matrix(np.asarray(engine.adjoint(unit.reshape(ifu_shape)),
+                                                     float).reshape(1, -1)))
+            unit[i] = 0.0
+        op = LinearForward(sparse.vstack(rows).tocsr(), (ys.size, xs.size), tuple(ifu_shape))
+        rand = np.random.default_rng(0).random((ys.size, xs.size))
+        direct = np.asarray(engine.forward(rand), float)
+        if np.abs(op(rand) - direct).max() > 1e-6 * max(np.abs(direct).max(), 1e-300):
+            raise ConfigError("klever_nb.lensing.LensingOperator.adjoint is not the transpose "
+                              "of forward; cannot build the forward-gradient operator")
+        return op, (ys, xs)
+    return linear_operator(engine.forward, (ys.size, xs.size)), (ys, xs)
+
+
+@dataclass(frozen=True)
+class AffineLens:
+    """A lens with a constant Jacobian: the local model of a magnified image.
+
+    beta = A theta with A = R diag(1/mu_t, 1/mu_r) R^T, R the rotation by
+    ``tangential_angle_deg`` (image-plane direction of the tangential stretch, from +x
+    towards +y). The source position ``source_centre_kpc`` is imaged at the IFU centre.
+    Used by tests and benchmarks (and to emulate a magnification without a lens model).
+    """
+
+    kpc_per_arcsec: float
+    mu_tangential: float = 1.0
+    mu_radial: float = 1.0
+    tangential_angle_deg: float = 0.0
+    source_centre_kpc: tuple[float, float] = (0.0, 0.0)
+
+    @property
+    def magnification(self) -> float:
+        """Total magnification mu_t x mu_r."""
+        return self.mu_tangential * self.mu_radial
+
+    def jacobian(self) -> np.ndarray:
+        """A = d beta / d theta (2 x 2, acting on (x, y))."""
+        phi = np.deg2rad(self.tangential_angle_deg)
+        rot = np.array([[np.cos(phi), -np.sin(phi)], [np.sin(phi), np.cos(phi)]])
+        return rot @ np.diag([1 / self.mu_tangential, 1 / self.mu_radial]) @ rot.T
+
+    def to_source_kpc(self, theta_x: np.ndarray, theta_y: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Source-plane (x, y) in kpc of image-plane offsets (arcsec) from the IFU centre."""
+        a = self.jacobian()
+        bx = (a[0, 0] * theta_x + a[0, 1] * theta_y) * self.kpc_per_arcsec
+        by = (a[1, 0] * theta_x + a[1, 1] * theta_y) * self.kpc_per_arcsec
+        return bx + self.source_centre_kpc[0], by + self.source_centre_kpc[1]
+
+    def source_psf(self, psf_fwhm_arcsec: float) -> dict[str, float]:
+        """The image-plane Gaussian PSF mapped to the source plane (the paper's SP PSF)."""
+        fwhm_t = psf_fwhm_arcsec / self.mu_tangential * self.kpc_per_arcsec
+        fwhm_r = psf_fwhm_arcsec / self.mu_radial * self.kpc_per_arcsec
+        if fwhm_r >= fwhm_t:
+            return {"fwhm_major_kpc": fwhm_r, "fwhm_minor_kpc": fwhm_t,
+                    "pa_deg": (self.tangential_angle_deg + 90.0) % 180.0}
+        return {"fwhm_major_kpc": fwhm_t, "fwhm_minor_kpc": fwhm_r,
+                "pa_deg": self.tangential_angle_deg % 180.0}
+
+
+def _pixel_response(n_pix: int, n_fine: int, margin: int, oversample: int,
+                    sigma_pix: float) -> tuple[np.ndarray, np.ndarray]:
+    """Fraction of a point at each fine position (IFU-pixel units) landing in each pixel."""
+    fine = (np.arange(n_fine) + 0.5) / oversample - 0.5 - margin
+    lo = np.arange(n_pix)[:, None] - 0.5 - fine[None]
+    hi = lo + 1.0
+    if sigma_pix > 0:
+        resp = ndtr(hi / sigma_pix) - ndtr(lo / sigma_pix)
+    else:
+        resp = ((lo < 0) & (hi >= 0)).astype(float)
+    return fine, resp
+
+
+def _affine_geometry(lens: AffineLens, ifu_shape, pixel_scale_arcsec, psf_fwhm_arcsec,
+                     oversample):
+    ny, nx = ifu_shape
+    sigma_pix = psf_fwhm_arcsec * _FWHM_TO_SIGMA / pixel_scale_arcsec
+    margin = int(np.ceil(4 * sigma_pix)) + 1
+    nfy, nfx = (ny + 2 * margin) * oversample, (nx + 2 * margin) * oversample
+    fy, ry = _pixel_response(ny, nfy, margin, oversample, sigma_pix)
+    fx, rx = _pixel_response(nx, nfx, margin, oversample, sigma_pix)
+    cy, cx = (ny - 1) / 2.0, (nx - 1) / 2.0
+    ty, tx = np.meshgrid((fy - cy) * pixel_scale_arcsec, (fx - cx) * pixel_scale_arcsec,
+                         indexing="ij")
+    bx, by = lens.to_source_kpc(tx, ty)
+    area = (pixel_scale_arcsec / oversample) ** 2
+    return ry, rx, bx, by, area
+
+
+def affine_render(lens: AffineLens, source_function: Callable, *, ifu_shape: tuple[int, int],
+                  pixel_scale_arcsec: float, psf_fwhm_arcsec: float,
+                  oversample: int = 5) -> np.ndarray:
+    """IFU image (flux per pixel) of an analytic source surface brightness (per arcsec^2).
+
+    ``source_function(x_kpc, y_kpc)`` is evaluated at ``oversample^2`` points per IFU pixel
+    of the lensed image; the Gaussian PSF and the pixel are integrated exactly (erf).
+    Stacked outputs work: the function may return ``(..., fine_y, fine_x)`` arrays.
+    """
+    ry, rx, bx, by, area = _affine_geometry(lens, ifu_shape, pixel_scale_arcsec,
+                                            psf_fwhm_arcsec, oversample)
+    sb = np.asarray(source_function(bx, by), float)
+    return area * np.einsum("if,...fg,jg->...ij", ry, sb, rx, optimize=True)
+
+
+def _bilinear_matrix(bx, by, ys, xs) -> sparse.csr_matrix:
+    """Sparse (n_points, n_src) bilinear interpolation from a regular (ys, xs) grid."""
+    fy = (by.ravel() - ys[0]) / (ys[1] - ys[0])
+    fx = (bx.ravel() - xs[0]) / (xs[1] - xs[0])
+    iy0, ix0 = np.floor(fy).astype(int), np.floor(fx).astype(int)
+    ty, tx = fy - iy0, fx - ix0
+    rows, cols, vals = [], [], []
+    n = fy.size
+    for dy, wy in ((0, 1 - ty), (1, ty)):
+        for dx, wx in ((0, 1 - tx), (1, tx)):
+            iy, ix = iy0 + dy, ix0 + dx
+            ok = (iy >= 0) & (iy < ys.size) & (ix >= 0) & (ix < xs.size)
+            rows.append(np.arange(n)[ok])
+            cols.append((iy * xs.size + ix)[ok])
+            vals.append((wy * wx)[ok])
+    return sparse.csr_matrix((np.concatenate(vals), (np.concatenate(rows),
+                                                      np.concatenate(cols))),
+                             shape=(n, ys.size * xs.size))
+
+
+def affine_forward(lens: AffineLens, *, source_ys_kpc: np.ndarray, source_xs_kpc: np.ndarray,
+                   ifu_shape: tuple[int, int], pixel_scale_arcsec: float,
+                   psf_fwhm_arcsec: float, oversample: int = 3) -> LinearForward:
+    """The :class:`LinearForward` of an :class:`AffineLens` for images on a source grid.
+
+    The source image (surface brightness per arcsec^2, bilinearly interpolated) is sampled at
+    ``oversample^2`` points per IFU pixel, then PSF and pixel are integrated exactly, as in
+    :func:`affine_render` (which it matches for sources smooth on the grid scale).
+    """
+    ys, xs = np.asarray(source_ys_kpc, float), np.asarray(source_xs_kpc, float)
+    ry, rx, bx, by, area = _affine_geometry(lens, ifu_shape, pixel_scale_arcsec,
+                                            psf_fwhm_arcsec, oversample)
+    interp = _bilinear_matrix(bx, by, ys, xs)  # (nfy*nfx, n_src)
+    nfy, nfx = bx.shape
+    blocks = []
+    for iy in range(ifu_shape[0]):
+        kernel = area * (ry[iy][:, None, None] * rx.T[None]).reshape(nfy * nfx, -1)
+        block = (interp.T @ kernel).T  # (nx, n_src)
+        block[np.abs(block) < 1e-12 * max(np.abs(block).max(), 1e-300)] = 0.0
+        blocks.append(sparse.csr_matrix(block))
+    return LinearForward(sparse.vstack(blocks).tocsr(), (ys.size, xs.size), ifu_shape)
+
+
+def affine_delens(image: np.ndarray, lens: AffineLens, *, source_ys_kpc: np.ndarray,
+                  source_xs_kpc: np.ndarray, pixel_scale_arcsec: float) -> np.ndarray:
+    """Source-plane map of an IFU image (per-pixel values resampled, bilinear).
+
+    Surface brightness is conserved by lensing, so per-pixel fluxes, ratios or errors are
+    simply read at theta(beta); outside the IFU the result is NaN.
+    """
+    from scipy.ndimage import map_coordinates
+
+    ys, xs = np.asarray(source_ys_kpc, float), np.asarray(source_xs_kpc, float)
+    yy, xx = np.meshgrid(ys - lens.source_centre_kpc[1], xs - lens.source_centre_kpc[0],
+                         indexing="ij")
+    inv = np.linalg.inv(lens.jacobian()) / lens.kpc_per_arcsec
+    tx = inv[0, 0] * xx + inv[0, 1] * yy
+    ty = inv[1, 0] * xx + inv[1, 1] * yy
+    ny, nx = np.shape(image)
+    py = ty / pixel_scale_arcsec + (ny - 1) / 2.0
+    px = tx / pixel_scale_arcsec + (nx - 1) / 2.0
+    inside = (py >= 0) & (py <= ny - 1) & (px >= 0) & (px <= nx - 1)
+    out = map_coordinates(np.nan_to_num(np.asarray(image, float)), [py, px], order=1,
+                          mode="nearest")
+    bad = map_coordinates((~np.isfinite(image)).astype(float), [py, px], order=1,
+                          mode="nearest") > 0
+    return np.where(inside & ~bad, out, np.nan)
+
+
+# ---------------------------------------------------------------------------
+# The forward model and its likelihood
+# ---------------------------------------------------------------------------
+def _ifu_psf_matrix(ifu_shape: tuple[int, int], fwhm_pix: float) -> np.ndarray:
+    """Dense Gaussian blur of an IFU image (point at each pixel centre, pixel-integrated)."""
+    mats = []
+    for n in ifu_shape:
+        _, resp = _pixel_response(n, n, 0, 1, fwhm_pix * _FWHM_TO_SIGMA)
+        mats.append(resp)
+    return np.kron(mats[0], mats[1])
+
+
+def _ellipticity_to_shape(e1: np.ndarray, e2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(axis ratio, PA rad) from e = (1 - q)/(1 + q) (cos 2PA, sin 2PA)."""
+    e = np.hypot(e1, e2)
+    return (1 - e) / (1 + e), 0.5 * np.arctan2(e2, e1)
+
+
+class ForwardModel:
+    """Source-plane disc + gradient -> IFU line maps, with a vectorised log posterior.
+
+    Built by :func:`fit_forward_gradient`; kept public so that notebooks can show model and
+    residual maps (:meth:`model_maps`) for any parameter vector (:data:`PARAMETERS`, with
+    (e1, e2) = (1 - q)/(1 + q) (cos 2 PA, sin 2 PA) in place of q and PA).
+    """
+
+    def __init__(self, line_maps: xr.Dataset, operator: LinearForward, *,
+                 source_ys_kpc: np.ndarray, source_xs_kpc: np.ndarray,
+                 diagnostics: Sequence[str], calibration_set: str = "C20",
+                 calibration_scatter: str = "offset", radius: str = "projected") -> None:
+        if calibration_scatter not in ("offset", "none"):
+            raise ConfigError("calibration_scatter: must be 'offset' or 'none', got "
+                              f"{calibration_scatter!r}")
+        if radius not in ("projected", "deprojected"):
+            raise ConfigError(f"radius: must be 'projected' or 'deprojected', got {radius!r}")
+        self.ys, self.xs = np.asarray(source_ys_kpc, float), np.asarray(source_xs_kpc, float)
+        if operator.source_shape != (self.ys.size, self.xs.size):
+            raise ConfigError(f"lens_forward works on a {operator.source_shape} source grid but "
+                              f"source_grid_kpc is {(self.ys.size, self.xs.size)}")
+        self.diagnostics = list(diagnostics)
+        self.calibrations = [get_calibration(d, calibration_set) for d in self.diagnostics]
+        self.calibration_scatter = calibration_scatter
+        self.radius = radius
+        lines = set(np.asarray(line_maps["line"]).astype(str))
+        self.observables: list[tuple[str, tuple[str, ...], int]] = []  # (name, lines, template)
+        self.ratio_pairs: list[tuple[int, int, float]] = []  # (numerator obs, den obs, sigma)
+        den_index: dict[str, int] = {}
+        for k, (d, cal) in enumerate(zip(self.diagnostics, self.calibrations, strict=True)):
+            if d not in FORWARD_DIAGNOSTICS:
+                raise ConfigError(f"diagnostics: the forward model handles ratios to a Balmer "
+                                  f"line {FORWARD_DIAGNOSTICS}, not {d!r}")
+            num, den = DIAGNOSTIC_LINES[d]
+            missing = (set(num) | set(den)) - lines
+            if missing:
+                raise InputError(f"line maps: diagnostic {d} needs lines {sorted(missing)}")
+            if den[0] not in den_index:
+                den_index[den[0]] = len(self.observables)
+                self.observables.append((den[0], den, 0))
+            self.ratio_pairs.append((len(self.observables), den_index[den[0]], cal.sigma))
+            self.observables.append(("+".join(num), num, 1 + k))
+        ny, nx = operator.ifu_shape
+        flux = line_maps["flux"].transpose("line", ...).values
+        ferr = line_maps["flux_err"].transpose("line", ...).values
+        if flux.shape[1:] != (ny, nx):
+            raise InputError(f"line maps are {flux.shape[1:]} pixels but lens_forward gives "
+                             f"{(ny, nx)}")
+        names = list(np.asarray(line_maps["line"]).astype(str))
+        data, weight = [], []
+        for _, obs_lines, _ in self.observables:
+            idx = [names.index(n) for n in obs_lines]
+            f = flux[idx].sum(axis=0).reshape(-1)
+            v = (ferr[idx] ** 2).sum(axis=0).reshape(-1)
+            ok = np.isfinite(f) & np.isfinite(v) & (v > 0)
+            data.append(np.where(ok, f, 0.0))
+            weight.append(np.where(ok, 1.0 / np.where(ok, v, 1.0), 0.0))
+        data, weight = np.array(data), np.array(weight)
+        used = weight.sum(axis=0) > 0
+        if not used.any():
+            raise InputError("line maps: no pixel with a finite flux and a positive flux_err")
+        self.pixels = np.flatnonzero(used)
+        self.data, self.weight = data[:, used], weight[:, used]
+        matrix = operator.matrix
+        rows = matrix[self.pixels]
+        if sparse.issparse(rows):
+            rows = rows.tocsr()
+            if rows.nnz > 0.25 * rows.shape[0] * rows.shape[1]:
+                rows = rows.toarray()  # dense BLAS wins above ~25 % fill
+        self._rows = rows
+        self.ifu_shape = (ny, nx)
+        self.n_data = int((self.weight > 0).sum())
+        yy, xx = np.meshgrid(self.ys, self.xs, indexing="ij")
+        self._x, self._y = xx.reshape(-1), yy.reshape(-1)
+        pix = abs(self.xs[1] - self.xs[0])
+        extent = max(np.ptp(self.xs), np.ptp(self.ys))
+        self.bounds = np.array([
+            [self.xs.min() + 0.1 * np.ptp(self.xs), self.xs.max() - 0.1 * np.ptp(self.xs)],
+            [self.ys.min() + 0.1 * np.ptp(self.ys), self.ys.max() - 0.1 * np.ptp(self.ys)],
+            [np.log10(0.5 * pix), np.log10(0.5 * extent)],
+            [-0.75, 0.75], [-0.75, 0.75],
+            [min(c.oh_min for c in self.calibrations), max(c.oh_max for c in self.calibrations)],
+            [-1.0, 1.0]])
+
+    # -- model ------------------------------------------------------------------
+    def templates(self, theta: np.ndarray) -> np.ndarray:
+        """Source-plane templates (n_walkers, 1 + n_diagnostics, n_source_pixels)."""
+        theta = np.atleast_2d(theta)
+        x0, y0, log_h, e1, e2, oh0, grad = (theta[:, k:k + 1] for k in range(7))
+        q, pa = _ellipticity_to_shape(e1, e2)
+        dx, dy = self._x[None] - x0, self._y[None] - y0
+        u = dx * np.cos(pa) + dy * np.sin(pa)
+        v = -dx * np.sin(pa) + dy * np.cos(pa)
+        r_disc = np.sqrt(u**2 + (v / q) ** 2)
+        sigma = np.exp(-r_disc / 10**log_h)
+        sigma /= sigma.sum(axis=1, keepdims=True)
+        r = np.hypot(dx, dy) if self.radius == "projected" else r_disc
+        oh = np.clip(oh0 + grad * r, 7.0, 9.3)
+        out = [sigma]
+        out.extend(sigma * 10 ** cal.log_ratio(oh) for cal in self.calibrations)
+        return np.stack(out, axis=1)
+
+    def _images(self, theta: np.ndarray) -> np.ndarray:
+        tmpl = self.templates(theta)
+        nw, nt, ns = tmpl.shape
+        flat = tmpl.reshape(nw * nt, ns)
+        if sparse.issparse(self._rows):
+            images = (self._rows @ flat.T).T
+        else:
+            images = flat @ self._rows.T
+        return np.asarray(images).reshape(nw, nt, -1)
+
+    def _amplitudes(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Closed-form amplitudes per observable: (sum w d t, sum w t^2, chi2 constant)."""
+        sdt = np.stack([(images[:, t] * (w * d)).sum(-1) for (_, _, t), w, d
+                        in zip(self.observables, self.weight, self.data, strict=True)], axis=1)
+        stt = np.stack([(images[:, t] ** 2 * w).sum(-1) for (_, _, t), w
+                        in zip(self.observables, self.weight, strict=True)], axis=1)
+        sdd = (self.weight * self.data**2).sum(-1)
+        return sdt, stt, sdd
+
+    def log_likelihood(self, theta: np.ndarray, *, return_amplitudes: bool = False):
+        """Profile log likelihood over the line amplitudes, vectorised over walkers."""
+        out = self.log_likelihood_from_images(self._images(theta))
+        return out if return_amplitudes else out[0]
+
+    def log_likelihood_from_images(self, images: np.ndarray):
+        """(log L, amplitudes (n_walkers, n_observables), chi^2) from IFU-plane templates."""
+        sdt, stt, sdd = self._amplitudes(images)
+        stt = np.maximum(stt, 1e-300)
+        if self.calibration_scatter == "offset":
+            amp = sdt / stt
+            chi2 = np.sum(sdd[None] - sdt**2 / stt, axis=1)
+            penalty = np.zeros(amp.shape[0])
+            for num, den, sig in self.ratio_pairs:
+                ratio = amp[:, num] / amp[:, den]
+                delta = np.log10(np.where(ratio > 0, ratio, 1e-30))
+                penalty += (delta / max(sig, 1e-3)) ** 2
+            logl = -0.5 * (chi2 + penalty)
+        else:
+            groups: dict[int, list[int]] = {}
+            for num, den, _ in self.ratio_pairs:
+                groups.setdefault(den, [den]).append(num)
+            amp = np.zeros_like(sdt)
+            chi2 = np.sum(sdd) * np.ones(sdt.shape[0])
+            for members in groups.values():
+                a = sdt[:, members].sum(1) / stt[:, members].sum(1)
+                chi2 -= sdt[:, members].sum(1) ** 2 / stt[:, members].sum(1)
+                amp[:, members] = a[:, None]
+            logl = -0.5 * chi2
+        return logl, amp, chi2
+
+    def log_prob(self, theta: np.ndarray) -> np.ndarray:
+        """Log posterior (flat priors inside :attr:`bounds`), vectorised over walkers."""
+        theta = np.atleast_2d(theta)
+        inside = np.all((theta >= self.bounds[:, 0]) & (theta <= self.bounds[:, 1]), axis=1)
+        inside &= np.hypot(theta[:, 3], theta[:, 4]) < 0.75
+        out = np.full(theta.shape[0], -np.inf)
+        if inside.any():
+            out[inside] = self.log_likelihood(theta[inside])
+        return out
+
+    def model_maps(self, theta: np.ndarray) -> xr.Dataset:
+        """Best-amplitude model of every observable on the IFU grid (NaN where unused)."""
+        theta = np.atleast_2d(theta)[:1]
+        _, amp, _ = self.log_likelihood(theta, return_amplitudes=True)
+        images = self._images(theta)[0]
+        out = np.full((len(self.observables), np.prod(self.ifu_shape)), np.nan)
+        for k, (_, _, t) in enumerate(self.observables):
+            out[k, self.pixels] = amp[0, k] * images[t]
+        return xr.Dataset(
+            {"model": (("observable", "y", "x"), out.reshape(-1, *self.ifu_shape))},
+            coords={"observable": [o[0] for o in self.observables]})
+
+    # -- starting point ---------------------------------------------------------
+    def residuals(self, theta: np.ndarray) -> np.ndarray:
+        """Normalised residuals (n_walkers, n_residuals) with -0.5 sum r^2 = log likelihood.
+
+        sqrt(w) (d - c t) per pixel of every observable at the best amplitudes c, then one
+        delta_d / sigma_cal,d per diagnostic (``"offset"`` mode).
+        """
+        theta = np.atleast_2d(theta)
+        images = self._images(theta)
+        _, amp, _ = self.log_likelihood_from_images(images)
+        parts = []
+        for k, ((_, _, t), w, d) in enumerate(zip(self.observables, self.weight, self.data,
+                                                   strict=True)):
+            parts.append(np.sqrt(w)[None] * (d[None] - amp[:, k:k + 1] * images[:, t]))
+        if self.calibration_scatter == "offset":
+            for num, den, sig in self.ratio_pairs:
+                ratio = amp[:, num] / amp[:, den]
+                delta = np.log10(np.where(ratio > 0, ratio, 1e-30))
+                parts.append((delta / max(sig, 1e-3))[:, None])
+        return np.concatenate(parts, axis=1)
+
+    def initial_guess(self, *, n_starts: int = 2) -> np.ndarray:
+        """Maximum posterior: a grid in (scale length, central O/H, gradient); bounded least
+        squares (trust region, batched finite-difference Jacobian), 20 evaluations from the
+        best grid point of each central O/H, then to convergence from the ``n_starts``
+        best (the calibrations are not monotonic, so the likelihood has several local
+        maxima, e.g. on the two branches of R3)."""
+        with threadpool_limits(limits=1, user_api="blas"):
+            return self._initial_guess(n_starts)
+
+    def _initial_guess(self, n_starts: int) -> np.ndarray:
+        from scipy.optimize import least_squares
+
+        extent = max(np.ptp(self.xs), np.ptp(self.ys))
+        base = np.array([np.mean(self.xs), np.mean(self.ys), np.log10(extent / 10), 0.0, 0.0,
+                         8.4, 0.0])
+        lo, hi = self.bounds[5]
+        trials = []
+        for log_h in np.log10(extent * np.array([0.04, 0.08, 0.16])):
+            for oh0 in np.linspace(lo + 0.05, hi - 0.05, 9):
+                for grad in (-0.15, -0.05, 0.0, 0.05, 0.15):
+                    trial = base.copy()
+                    trial[2], trial[5], trial[6] = log_h, oh0, grad
+                    trials.append(trial)
+        trials = np.array(trials)
+        values = self.log_prob(trials)
+        # the best grid point of every central O/H, so that both branches of the
+        # double-valued calibrations are explored
+        starts = []
+        for oh0 in np.unique(trials[:, 5]):
+            sel = np.flatnonzero(trials[:, 5] == oh0)
+            starts.append(trials[sel[np.argmax(values[sel])]])
+        lower = self.bounds[:, 0].copy()
+        upper = self.bounds[:, 1].copy()
+        lower[3:5], upper[3:5] = -0.53, 0.53  # keeps |e| < 0.75 (q > 0.14)
+        steps = 1e-5 * np.maximum(upper - lower, 1.0)
+
+        def fun(p: np.ndarray) -> np.ndarray:
+            return self.residuals(p)[0]
+
+        def jac(p: np.ndarray) -> np.ndarray:
+            batch = np.vstack([p, p + np.diag(steps)])
+            r = self.residuals(batch)
+            return ((r[1:] - r[0]) / steps[:, None]).T
+
+        def solve(start: np.ndarray, max_nfev: int):
+            start = np.clip(start, lower + 1e-9, upper - 1e-9)
+            res = least_squares(fun, start, jac=jac, bounds=(lower, upper), method="trf",
+                                x_scale="jac", max_nfev=max_nfev)
+            return res.cost, res.x
+
+        rough = sorted((solve(start, 20) for start in starts), key=lambda item: item[0])
+        refined = [solve(x, 200) for _, x in rough[:n_starts]]
+        return min(refined, key=lambda item: item[0])[1]
+
+
+_STEPS = np.array([0.02, 0.02, 0.01, 0.01, 0.01, 0.01, 0.002])
+
+
+def _laplace_covariance(log_prob: Callable, best: np.ndarray, steps: np.ndarray) -> np.ndarray:
+    """Inverse of minus the finite-difference Hessian of ``log_prob`` at ``best``.
+
+    All 1 + 2n + 2n(n-1) points go to the vectorised ``log_prob`` in one call; falls back to
+    diag(steps^2) when the Hessian is not negative definite.
+    """
+    n = best.size
+    eye = np.diag(steps)
+    points = [best]
+    points += [best + s * eye[i] for i in range(n) for s in (1, -1)]
+    pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+    points += [best + si * eye[i] + sj * eye[j] for i, j in pairs
+               for si, sj in ((1, 1), (1, -1), (-1, 1), (-1, -1))]
+    values = log_prob(np.array(points))
+    f0 = values[0]
+    fp, fm = values[1:1 + 2 * n:2], values[2:2 + 2 * n:2]
+    hess = np.diag((fp - 2 * f0 + fm) / steps**2)
+    cross = values[1 + 2 * n:].reshape(-1, 4)
+    for (i, j), (pp, pm, mp, mm) in zip(pairs, cross, strict=True):
+        hess[i, j] = hess[j, i] = (pp - pm - mp + mm) / (4 * steps[i] * steps[j])
+    if not np.all(np.isfinite(hess)):
+        return np.diag(steps**2)
+    try:
+        cov = np.linalg.inv(-hess)
+        np.linalg.cholesky(cov)
+    except np.linalg.LinAlgError:
+        return np.diag(steps**2)
+    return cov
+
+
+def fit_forward_gradient(line_maps_image: xr.Dataset, *,
+                         lens_forward: Callable[[np.ndarray], np.ndarray],
+                         source_grid_kpc: tuple[np.ndarray, np.ndarray],
+                         psf_fwhm_arcsec: float | None = None, redshift: float | None = None,
+                         diagnostics: Sequence[str] = ("N2", "R3"),
+                         calibration_set: str = "C20", calibration_scatter: str = "offset",
+                         radius: str = "projected", nwalkers: int = 32, nsteps: int = 1500,
+                         burn: int | None = None, seed: int = 0) -> dict:
+    """Fit central metallicity and gradient to image-plane line maps through the lens.
+
+    Parameters
+    ----------
+    line_maps_image : Dataset
+        Observed line maps on ``(line, y, x)`` with ``flux`` and ``flux_err`` (independent
+        Gaussian 1 sigma per IFU pixel); NaN pixels are ignored. Every pixel is used, also
+        faint ones: no SNR cut is needed in the image plane.
+    lens_forward : callable
+        ``lens_forward(source_image[ny_s, nx_s]) -> ifu_image[ny, nx]``: lens, PSF and
+        rebinning, linear in the source image (a :class:`LinearForward`, e.g. from
+        :func:`affine_forward` or :func:`lens_forward_from_lensing`, or any callable, which
+        is probed once into a matrix, one call per source pixel).
+    source_grid_kpc : (ys_kpc, xs_kpc)
+        The source grid of ``lens_forward`` (kpc from the galaxy centre).
+    psf_fwhm_arcsec : float, optional
+        If given, the IFU-plane model is further blurred by this Gaussian (pixel scale from
+        ``line_maps_image.attrs["pixel_scale_arcsec"]``); leave None when ``lens_forward``
+        already contains the PSF (recommended: blurring after rebinning is approximate).
+    redshift : float, optional
+        Stored in the result.
+    diagnostics : list of str
+        Any of ``N2``, ``R3``, ``S2``, ``R2``.
+    calibration_set, calibration_scatter, radius
+        See the module docstring.
+    nwalkers, nsteps, burn, seed
+        emcee settings (``burn`` default ``nsteps // 3``); walkers start from the Laplace
+        approximation at the maximum posterior and move with differential-evolution
+        proposals (autocorrelation times about half those of the stretch move here).
+
+    Returns
+    -------
+    dict
+        ``gradient_dex_per_kpc``, ``gradient_err``, ``central_oh``, ``central_oh_err``
+        (posterior medians and half 16-84 ranges), ``parameters`` (median and error of each
+        of :data:`PARAMETERS`), ``calibration_offsets_dex`` (at the best fit), ``chi2``,
+        ``n_data``, ``converged``, ``acceptance``, ``tau_max``, ``message``, ``samples``
+        (flat chain of (central_oh, gradient)) and ``map`` (maximum-posterior vector).
+
+    References
+    ----------
+    Beyond K20 (§4.2 describes the PSF smearing this avoids); emcee.
+    """
+    with threadpool_limits(limits=1, user_api="blas"):  # small matrices: threads only hurt
+        return _fit_forward_gradient(
+            line_maps_image, lens_forward=lens_forward, source_grid_kpc=source_grid_kpc,
+            psf_fwhm_arcsec=psf_fwhm_arcsec, redshift=redshift, diagnostics=diagnostics,
+            calibration_set=calibration_set, calibration_scatter=calibration_scatter,
+            radius=radius, nwalkers=nwalkers, nsteps=nsteps, burn=burn, seed=seed)
+
+
+def _fit_forward_gradient(line_maps_image, *, lens_forward, source_grid_kpc, psf_fwhm_arcsec,
+                          redshift, diagnostics, calibration_set, calibration_scatter, radius,
+                          nwalkers, nsteps, burn, seed) -> dict:
+    import emcee
+
+    if nwalkers < 2 * len(PARAMETERS) or nsteps < 10:
+        raise ConfigError(f"nwalkers={nwalkers}, nsteps={nsteps}: emcee needs nwalkers >= "
+                          f"{2 * len(PARAMETERS)} (twice the parameters) and nsteps >= 10")
+    ys, xs = (np.asarray(c, float) for c in source_grid_kpc)
+    operator = linear_operator(lens_forward, (ys.size, xs.size))
+    if psf_fwhm_arcsec is not None:
+        scale = line_maps_image.attrs.get("pixel_scale_arcsec")
+        if scale is None:
+            raise InputError("line maps: attrs['pixel_scale_arcsec'] is needed with "
+                             "psf_fwhm_arcsec")
+        blur = _ifu_psf_matrix(operator.ifu_shape, psf_fwhm_arcsec / float(scale))
+        operator = LinearForward(blur @ operator.matrix, operator.source_shape,
+                                 operator.ifu_shape)
+    model = ForwardModel(line_maps_image, operator, source_ys_kpc=ys, source_xs_kpc=xs,
+                         diagnostics=diagnostics, calibration_set=calibration_set,
+                         calibration_scatter=calibration_scatter, radius=radius)
+    best = model.initial_guess()
+    rng = np.random.default_rng(seed)
+    cov = _laplace_covariance(model.log_prob, best, _STEPS)
+    start = rng.multivariate_normal(best, cov, size=nwalkers, method="eigh")
+    for k in range(7):
+        start[:, k] = np.clip(start[:, k], *model.bounds[k])
+    ell = np.hypot(start[:, 3], start[:, 4])
+    start[:, 3:5] *= np.minimum(1.0, 0.7 / np.maximum(ell, 1e-12))[:, None]
+    moves = [(emcee.moves.DEMove(), 0.8), (emcee.moves.DESnookerMove(), 0.2)]
+    sampler = emcee.EnsembleSampler(nwalkers, 7, model.log_prob, vectorize=True, moves=moves)
+    sampler.random_state = np.random.RandomState(seed).get_state()
+    sampler.run_mcmc(start, nsteps, progress=False)
+    burn = nsteps // 3 if burn is None else burn
+    chain = sampler.get_chain(discard=burn, flat=True)
+    tau = sampler.get_autocorr_time(discard=burn, tol=0, quiet=True)
+    acceptance = float(np.mean(sampler.acceptance_fraction))
+    tau_key = float(np.max(tau[5:]))
+    n_eff = nwalkers * (nsteps - burn) / tau_key if np.isfinite(tau_key) else 0.0
+    converged = bool((nsteps - burn) > 15 * tau_key and n_eff >= 400
+                     and 0.1 < acceptance < 0.9)
+    p16, p50, p84 = np.percentile(chain, [16, 50, 84], axis=0)
+    q_chain, pa_chain = _ellipticity_to_shape(chain[:, 3], chain[:, 4])
+    params = {name: (float(p50[k]), float(0.5 * (p84[k] - p16[k])))
+              for k, name in enumerate(PARAMETERS) if k not in (3, 4)}
+    params["axis_ratio"] = (float(np.median(q_chain)), float(np.std(q_chain)))
+    params["pa_deg"] = (float(np.rad2deg(np.median(pa_chain)) % 180), np.nan)
+    lp = sampler.get_log_prob(flat=True)
+    if lp.max() > model.log_prob(best)[0]:
+        best = sampler.get_chain(flat=True)[np.argmax(lp)]
+    _, amp, chi2 = model.log_likelihood(best, return_amplitudes=True)
+    offsets = {d: float(np.log10(max(amp[0, n] / amp[0, m], 1e-30)))
+               for d, (n, m, _) in zip(model.diagnostics, model.ratio_pairs, strict=True)}
+    message = "" if converged else (f"emcee: {nsteps - burn} kept steps, autocorrelation time "
+                                    f"{tau_key:.0f}, {n_eff:.0f} effective samples, acceptance "
+                                    f"{acceptance:.2f}: run longer (needs > 15 tau and >= 400)")
+    return {"gradient_dex_per_kpc": params["gradient_dex_per_kpc"][0],
+            "gradient_err": params["gradient_dex_per_kpc"][1],
+            "central_oh": params["central_oh"][0], "central_oh_err": params["central_oh"][1],
+            "parameters": params, "calibration_offsets_dex": offsets,
+            "chi2": float(chi2[0]), "n_data": model.n_data, "converged": converged,
+            "acceptance": acceptance, "tau_max": tau_key, "n_effective": n_eff, "message": message,
+            "samples": chain[:, 5:7], "map": best, "radius": radius, "redshift": redshift,
+            "diagnostics": list(diagnostics), "calibration_scatter": calibration_scatter,
+            "model": model}
