@@ -934,6 +934,17 @@ def integrated_flux_units(flux_units: str | None) -> tuple[str, float, str]:
     return result.to_string(), float((1 * u.AA).to_value(wave_unit)), wave_unit.to_string()
 
 
+def _settings(velocity_range_kms, sigma_range_kms, detection_snr, kinematics_snr
+              ) -> FitSettings:
+    """Validated :class:`FitSettings` from the keyword arguments of the fitters."""
+    settings = FitSettings(velocity_range_kms=tuple(map(float, velocity_range_kms)),
+                           sigma_range_kms=tuple(map(float, sigma_range_kms)),
+                           detection_snr=float(detection_snr),
+                           kinematics_snr=float(kinematics_snr))
+    settings.validate()
+    return settings
+
+
 def _check_cube(cube: xr.Dataset) -> None:
     for name in ("flux", "noise"):
         if name not in cube:
@@ -1059,11 +1070,7 @@ def fit_cube(cube: xr.Dataset, *, redshift: float, lines=None, resolving_power=N
     if not (np.isfinite(redshift) and redshift >= 0):
         raise ConfigError(f"redshift={redshift!r}: must be a finite number >= 0")
     lines = _check_lines(lines)
-    settings = FitSettings(velocity_range_kms=tuple(map(float, velocity_range_kms)),
-                           sigma_range_kms=tuple(map(float, sigma_range_kms)),
-                           detection_snr=float(detection_snr),
-                           kinematics_snr=float(kinematics_snr))
-    settings.validate()
+    settings = _settings(velocity_range_kms, sigma_range_kms, detection_snr, kinematics_snr)
     r_fit = _resolving_power(cube, resolving_power)
     units, aa_to_int, int_unit = integrated_flux_units(cube.flux.attrs.get("units"))
     cube = cube.transpose("wave", ...)
@@ -1638,11 +1645,7 @@ def fit_spectrum_reference(spectrum: xr.Dataset, *, redshift: float, lines=None,
     """
     cube = _as_cube(spectrum)
     lines = _check_lines(lines)
-    settings = FitSettings(velocity_range_kms=tuple(map(float, velocity_range_kms)),
-                           sigma_range_kms=tuple(map(float, sigma_range_kms)),
-                           detection_snr=float(detection_snr),
-                           kinematics_snr=float(kinematics_snr))
-    settings.validate()
+    settings = _settings(velocity_range_kms, sigma_range_kms, detection_snr, kinematics_snr)
     r_fit = _resolving_power(cube, resolving_power)
     units, aa_to_int, _ = integrated_flux_units(cube.flux.attrs.get("units"))
     wave_um = np.asarray(cube.wave.values, dtype=float)

@@ -227,6 +227,20 @@ class ExplorerBase(traitlets.HasTraits):
     def static_figure(self):  # pragma: no cover - overridden
         raise NotImplementedError
 
+    @property
+    def controls(self) -> dict[str, Any]:
+        """The ipywidgets controls by name (building the widget on first use)."""
+        self.widget  # noqa: B018
+        return dict(self._ui["controls"])
+
+    @staticmethod
+    def _remember(cache, key, entry: dict, size: int) -> dict:
+        """Store ``entry`` in an ordered ``cache`` keeping at most ``size`` entries (LRU)."""
+        cache[key] = entry
+        while len(cache) > size:
+            cache.popitem(last=False)
+        return entry
+
     def _repr_mimebundle_(self, include=None, exclude=None) -> dict[str, Any]:
         import matplotlib.pyplot as plt
 

@@ -253,10 +253,6 @@ class GradientExplorer(ExplorerBase):
                 "hwhm")
         return {k: self._ui[k] for k in keys}
 
-    @property
-    def controls(self) -> dict[str, Any]:
-        self.widget  # noqa: B018
-        return dict(self._ui["controls"])
 
     @property
     def panels(self) -> dict[str, ImageMap]:

@@ -214,9 +214,7 @@ class LensExplorer(ExplorerBase):
                  "caustics": caustics, "warnings": [str(w.message) for w in caught],
                  "seconds": time.perf_counter() - t0}
         entry["image_sb"] = self._image_values(entry)
-        self._cache[key] = entry
-        while len(self._cache) > CACHE_SIZE:
-            self._cache.popitem(last=False)
+        self._remember(self._cache, key, entry, CACHE_SIZE)
         self.last_reconstruction_seconds = entry["seconds"]
         return entry
 
@@ -361,10 +359,6 @@ class LensExplorer(ExplorerBase):
         self.widget  # noqa: B018
         return {k: self._ui[k] for k in ("critical", "feeding", "caustic", "psf", "landing")}
 
-    @property
-    def controls(self) -> dict[str, Any]:
-        self.widget  # noqa: B018
-        return dict(self._ui["controls"])
 
     @property
     def panels(self) -> dict[str, ImageMap]:

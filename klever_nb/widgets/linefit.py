@@ -207,9 +207,7 @@ class LineFitExplorer(ExplorerBase):
             mask = np.zeros(wave.shape, dtype=bool)
         entry = {"cube": cube, "maps": maps, "model": model, "sky_mask": mask,
                  "seconds": time.perf_counter() - t0}
-        self._cache[key] = entry
-        while len(self._cache) > CACHE_SIZE:
-            self._cache.popitem(last=False)
+        self._remember(self._cache, key, entry, CACHE_SIZE)
         self.last_refit_seconds = entry["seconds"]
         return entry
 
@@ -385,11 +383,6 @@ class LineFitExplorer(ExplorerBase):
         self.widget  # noqa: B018
         return self._ui["image"]
 
-    @property
-    def controls(self) -> dict[str, Any]:
-        """The ipywidgets controls (``line``, ``quantity``, ``smooth``, ``snr``)."""
-        self.widget  # noqa: B018
-        return dict(self._ui["controls"])
 
     def _redraw_map(self) -> None:
         if self._ui is None:

@@ -352,10 +352,6 @@ class MetallicityExplorer(ExplorerBase):
                 "bpt_here")
         return {k: self._ui[k] for k in keys} | {"image": self._ui["image"].mark}
 
-    @property
-    def controls(self) -> dict[str, Any]:
-        self.widget  # noqa: B018
-        return dict(self._ui["controls"])
 
     @property
     def image_map(self) -> ImageMap:
