@@ -165,16 +165,22 @@ COMMANDS = {"demo": _cmd_demo, "mock": _cmd_mock, "run": _cmd_run, "fit": _cmd_f
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``klever-nb``; returns the exit status."""
     args = build_parser().parse_args(argv)
-    if not os.environ.get("KLEVER_NB_SHOW_WARNINGS"):
-        warnings.filterwarnings("ignore", category=RuntimeWarning)
-    try:
-        return COMMANDS[args.command](args)
-    except KleverError as err:
-        print(f"klever-nb {args.command}: error: {err}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print(f"klever-nb {args.command}: interrupted", file=sys.stderr)
-        return 130
+
+    def one_line_warning(message, category, filename, lineno, file=None, line=None):
+        print(f"klever-nb {args.command}: warning: {message}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        if not os.environ.get("KLEVER_NB_SHOW_WARNINGS"):
+            warnings.filterwarnings("ignore", category=RuntimeWarning)  # NaN arithmetic
+        warnings.showwarning = one_line_warning
+        try:
+            return COMMANDS[args.command](args)
+        except KleverError as err:
+            print(f"klever-nb {args.command}: error: {err}", file=sys.stderr)
+            return EXIT_USER_ERROR
+        except KeyboardInterrupt:
+            print(f"klever-nb {args.command}: interrupted", file=sys.stderr)
+            return 130
 
 
 if __name__ == "__main__":  # pragma: no cover
