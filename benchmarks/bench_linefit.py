@@ -112,17 +112,17 @@ def main() -> None:
         fitting.fit_cube(cube.isel(y=slice(0, 1), x=slice(0, 2)), redshift=Z)
     warmup = time.perf_counter() - t0
 
-    fitting.NUMBA_THREADS = 1
+    fitting.kernel.NUMBA_THREADS = 1
     cpu: list = []
     wall_1, maps = fit_all(cubes, args.repeat, cpu)
     wall_2 = None
-    if fitting.NUMBA_PARALLEL:  # KLEVER_NB_NUMBA_PARALLEL=1
-        fitting.NUMBA_THREADS = 2
+    if fitting.kernel.NUMBA_PARALLEL:  # KLEVER_NB_NUMBA_PARALLEL=1
+        fitting.kernel.NUMBA_THREADS = 2
         wall_2, _ = fit_all(cubes, args.repeat)
-        fitting.NUMBA_THREADS = 1
-    fitting.USE_NUMBA = False
+        fitting.kernel.NUMBA_THREADS = 1
+    fitting.kernel.USE_NUMBA = False
     wall_np, maps_np = fit_all(cubes, 1)
-    fitting.USE_NUMBA = True
+    fitting.kernel.USE_NUMBA = True
     numpy_vs_numba = max(float(np.nanmax(np.abs(maps_np[b].flux - maps[b].flux)
                                          / maps[b].flux_err)) for b in cubes)
 

@@ -124,12 +124,12 @@ def test_compiled_and_numpy_gram_agree():
     fast = fitting._extended_gram(model, mu, s, w, yw, False)
     assert np.max(np.abs(fast - dense)) < 1e-12 * np.max(np.abs(dense))
     mix = rng.standard_normal((30, 2 * model.n_lines, model.n_theta))
-    saved = fitting.USE_NUMBA
+    saved = fitting.kernel.USE_NUMBA
     try:
-        fitting.USE_NUMBA = False
+        fitting.kernel.USE_NUMBA = False
         c_np, j_np = fitting._jacobian_products(model, mu, s, w, yw, mix)
     finally:
-        fitting.USE_NUMBA = saved
+        fitting.kernel.USE_NUMBA = saved
     c_fast, j_fast = fitting._jacobian_products(model, mu, s, w, yw, mix)
     assert np.max(np.abs(c_fast - c_np)) < 1e-9 * np.max(np.abs(c_np))
     assert np.max(np.abs(j_fast - j_np)) < 1e-9 * np.max(np.abs(j_np))
@@ -142,15 +142,29 @@ def test_pure_numpy_path_gives_the_same_fit():
     flux = clean + rng.standard_normal(clean.shape)
     cube = make_cube(flux, np.ones_like(flux))
     fast = fitting.fit_cube(cube, redshift=Z)
-    saved = fitting.USE_NUMBA
+    saved = fitting.kernel.USE_NUMBA
     try:
-        fitting.USE_NUMBA = False
+        fitting.kernel.USE_NUMBA = False
         slow = fitting.fit_cube(cube, redshift=Z)
     finally:
-        fitting.USE_NUMBA = saved
+        fitting.kernel.USE_NUMBA = saved
     np.testing.assert_allclose(fast.flux.values, slow.flux.values, rtol=1e-6, atol=1e-8)
     np.testing.assert_allclose(fast.velocity.values, slow.velocity.values, rtol=1e-6,
                                atol=1e-6)
+
+
+def test_numba_switch_turns_the_compiled_kernel_off(monkeypatch):
+    """``fitting.kernel.USE_NUMBA = False`` really selects the numpy path (attrs say so)."""
+    rng = np.random.default_rng(5)
+    truth, v, sig = halpha_set(2, rng)
+    flux = line_spectrum(K_WAVE, truth, z=Z, v=v, sigma=sig)
+    cube = make_cube(flux + rng.standard_normal(flux.shape), np.ones_like(flux))
+    monkeypatch.setattr(fitting.kernel, "USE_NUMBA", False)
+    assert not fitting.kernel._use_numba()
+    assert fitting.fit_cube(cube, redshift=Z).attrs["numba"] == 0
+    monkeypatch.undo()
+    expected = int(fitting.kernel._numba_kernel is not None)
+    assert fitting.fit_cube(cube, redshift=Z).attrs["numba"] == expected
 
 
 # ---------------------------------------------------------------------------
