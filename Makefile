@@ -28,7 +28,7 @@ browser:
 
 test: venv browser
 	$(PY) -m ruff check klever_nb tests benchmarks
-	$(PY) -m pytest -n 2 --dist loadgroup
+	$(PY) -m pytest -n 2 --dist loadgroup --doctest-modules tests klever_nb
 
 lint: venv
 	$(PY) -m ruff check klever_nb tests benchmarks

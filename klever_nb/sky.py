@@ -89,7 +89,7 @@ def sky_mask(wave_um: np.ndarray, *, resolving_power: float,
     --------
     >>> import numpy as np
     >>> wave = np.linspace(1.92, 2.46, 2048)
-    >>> 0.05 < sky_mask(wave, resolving_power=4227).mean() < 0.5
+    >>> bool(0.05 < sky_mask(wave, resolving_power=4227).mean() < 0.5)
     True
     """
     wave_um = np.asarray(wave_um, dtype=float)
