@@ -73,3 +73,24 @@ def test_dict_interface_and_bad_reference():
     assert positions["H"]["x"] == pytest.approx(positions["K"]["x"], abs=0.05)
     with pytest.raises(Exception, match="reference_band"):
         align.band_offsets(bands, reference_band="J")
+
+
+def test_lensed_arc_with_two_near_equal_knots_is_registered_by_its_whole_shape():
+    """Peak alignment jumps between the knots of an arc; the cross-correlation does not."""
+    rng = np.random.default_rng(7)
+    yy, xx = np.mgrid[0:24, 0:24].astype(float)
+
+    def arc(dy, dx):
+        angle = np.arctan2(yy - 4.0 - dy, xx - 12.0 - dx)
+        radius = np.hypot(yy - 4.0 - dy, xx - 12.0 - dx)
+        ring = np.exp(-0.5 * ((radius - 10.0) / 1.2) ** 2) * np.exp(-0.5 * (angle - 1.57) ** 2)
+        knots = sum(np.exp(-((yy - 4.0 - dy - 10 * np.sin(a)) ** 2
+                             + (xx - 12.0 - dx - 10 * np.cos(a)) ** 2) / 2.0)
+                    for a in (1.1, 2.05))
+        return ring + knots
+
+    truth = (0.6, -0.4)
+    ref = arc(0.0, 0.0) + 0.03 * rng.standard_normal(yy.shape)
+    img = arc(-truth[0], -truth[1]) + 0.03 * rng.standard_normal(yy.shape)
+    dy, dx = align.cross_correlation_shift(ref, img)
+    assert abs(dy - truth[0]) < 0.15 and abs(dx - truth[1]) < 0.15
