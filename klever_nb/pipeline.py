@@ -176,17 +176,17 @@ def run_galaxy(config_path: str | Path, out_dir: str | Path, *, force: bool = Fa
                                "lensed": cfg.lensed, "instrument": cfg.instrument,
                                "config_path": str(cfg.path)}
 
-    cubes_hash = _hash(base_hash, "cubes")
-    cubes_path = products / "cubes_aligned.nc"
-    if force or not cubes_path.is_file() or \
-            read_datatree(cubes_path).attrs.get("input_hash") != cubes_hash:
-        tree.attrs["input_hash"] = cubes_hash
-        write_netcdf(tree, cubes_path)
+    fit_hash = _hash(base_hash, "fit")
+    maps = _stage(products, "line_maps.nc", fit_hash, force, lambda: _fit_stage(tree, cfg))
+    summary.update(_integrated_summary(maps))
     bar.update()
 
-    maps = _stage(products, "line_maps.nc", _hash(base_hash, "fit"), force,
-                  lambda: _fit_stage(tree, cfg))
-    summary.update(_integrated_summary(maps))
+    cubes_path = products / "cubes_aligned.nc"
+    if force or not cubes_path.is_file() or \
+            read_datatree(cubes_path).attrs.get("input_hash") != fit_hash:
+        aligned = _aligned_cubes(tree, json.loads(maps.attrs.get("alignment_shifts", "{}")))
+        aligned.attrs["input_hash"] = fit_hash
+        write_netcdf(aligned, cubes_path)
     bar.update()
 
     source = _stage(products, "source_maps.nc", _hash(base_hash, "lens"), force,
@@ -208,6 +208,17 @@ def run_galaxy(config_path: str | Path, out_dir: str | Path, *, force: bool = Fa
     summary["settings"] = asdict(settings)
     summary["versions"] = _versions()
     return write_json(summary, products / "summary.json")
+
+
+def _aligned_cubes(tree: xr.DataTree, shifts: dict[str, list[float]]) -> xr.DataTree:
+    """Each band's cube moved by the registration shift of its line maps (K20 §3.1)."""
+    from klever_nb import align
+
+    children = {}
+    for band, node in tree.children.items():
+        cube = node.to_dataset()
+        children[f"/{band}"] = align.apply_offsets(cube, tuple(shifts.get(band, (0.0, 0.0))))
+    return xr.DataTree.from_dict(children)
 
 
 def _fit_stage(tree: xr.DataTree, cfg: GalaxyConfig) -> xr.Dataset:

@@ -10,7 +10,7 @@ import pytest
 import xarray as xr
 
 from klever_nb import mock, pipeline
-from klever_nb.io import read_netcdf
+from klever_nb.io import read_datatree, read_netcdf
 
 SUMMARY_KEYS = {
     "name", "redshift", "lensed", "halpha_flux", "halpha_flux_err", "mu_halpha", "mu_maps",
@@ -52,6 +52,12 @@ def test_every_product_is_written_with_the_summary_contract(runs):
         assert "diagnostics_used" in metal.attrs
         source = read_netcdf(folder / "source_maps.nc")
         assert "n_image_pixels" in source and source["xs"].attrs.get("units") == "kpc"
+        cubes = read_datatree(folder / "cubes_aligned.nc")
+        shifts = json.loads(read_netcdf(folder / "line_maps.nc").attrs["alignment_shifts"])
+        assert set(cubes.children) == set(shifts)
+        for band, (dy, dx) in shifts.items():
+            assert cubes[band].attrs.get("alignment_shift_yx", [0.0, 0.0]) == \
+                pytest.approx([dy, dx])
         profile = np.genfromtxt(folder / "profile.csv", delimiter=",", names=True)
         assert set(profile.dtype.names) == {"radius_kpc", "oh", "oh_err", "n_pixels"}
 
