@@ -92,3 +92,17 @@ def test_products_round_trip_exactly(runs):
     again = read_netcdf(summary_path.parent / "line_maps.nc")
     xr.testing.assert_identical(maps, again)
     assert maps["flux"].attrs["units"]
+
+
+@pytest.mark.slow
+def test_ifu_maps_are_registered_on_the_hst_image(tmp_path):
+    """K20 §3.2.2: a cube whose WCS is off by (+0.2, -0.1)" in (x, y) is moved back."""
+    import dataclasses
+
+    spec = dataclasses.replace(mock.demo_specs()[2], cube_offset_arcsec=(0.2, -0.1))
+    toml = mock.write_mock(mock.make_mock(spec), tmp_path / "in")
+    toml.write_text(toml.read_text() + "\n[analysis]\nforward_gradient = false\n")
+    summary = json.loads(pipeline.run_galaxy(toml, tmp_path / "out").read_text())
+    dy, dx = summary["hst_shift_arcsec"]
+    assert dy == pytest.approx(-0.1, abs=0.03) and dx == pytest.approx(0.2, abs=0.03)
+    assert summary["shift_arcsec"] == pytest.approx([dy, dx])
