@@ -225,23 +225,20 @@ def _fit_stage(tree: xr.DataTree, cfg: GalaxyConfig) -> xr.Dataset:
     from klever_nb import fitting
 
     s = cfg.analysis
-    lines = s.lines if s.lines is not None else constants.PAPER_LINES
-    maps, integrated = fitting.fit_galaxy(
-        tree, redshift=cfg.redshift, smooth_fwhm_arcsec=s.smooth_fwhm_arcsec,
-        fibre_radius_arcsec=s.fibre_radius_arcsec, lines=lines,
-        detection_snr=s.detection_snr, sky_min_relative_amplitude=s.sky_min_relative_amplitude)
+    options = {"redshift": cfg.redshift, "fibre_radius_arcsec": s.fibre_radius_arcsec,
+               "lines": s.lines if s.lines is not None else constants.PAPER_LINES,
+               "detection_snr": s.detection_snr,
+               "sky_min_relative_amplitude": s.sky_min_relative_amplitude}
+    maps, integrated = fitting.fit_galaxy(tree, smooth_fwhm_arcsec=s.smooth_fwhm_arcsec,
+                                          **options)
     for name in ("flux", "flux_err", "snr", "detected", "upper_limit", "velocity", "sigma"):
         if name in integrated:
-            maps[f"integrated_{name}"] = integrated[name].rename({"line": "line"})
+            maps[f"integrated_{name}"] = integrated[name]
     if s.forward_gradient and s.smooth_fwhm_arcsec > 0:
         # The forward model compares with independent pixel errors and the image PSF alone:
         # smoothed maps (correlated noise, extra blur) bias it (measured on the demo mocks:
         # -0.06 instead of -0.02 dex/kpc), so it gets maps fitted without smoothing.
-        raw, _ = fitting.fit_galaxy(
-            tree, redshift=cfg.redshift, smooth_fwhm_arcsec=0.0,
-            fibre_radius_arcsec=s.fibre_radius_arcsec, lines=lines,
-            detection_snr=s.detection_snr,
-            sky_min_relative_amplitude=s.sky_min_relative_amplitude)
+        raw, _ = fitting.fit_galaxy(tree, smooth_fwhm_arcsec=0.0, **options)
         raw = raw.reindex(line=maps["line"])
         for name in ("flux", "flux_err"):
             maps[f"{name}_unsmoothed"] = raw[name]
