@@ -220,8 +220,16 @@ class ExplorerBase(traitlets.HasTraits):
     #: Text shown under the controls: what the last action did (and how long it took).
     status = traitlets.Unicode("")
 
+    _ui: dict | None = None
+
     @property
-    def widget(self):  # pragma: no cover - overridden
+    def widget(self):
+        """The ipywidgets container (built on first use by the subclass's ``_build_ui``)."""
+        if self._ui is None:
+            self._build_ui()
+        return self._ui["box"]
+
+    def _build_ui(self) -> None:  # pragma: no cover - overridden
         raise NotImplementedError
 
     def static_figure(self):  # pragma: no cover - overridden

@@ -169,12 +169,6 @@ class GradientExplorer(ExplorerBase):
         return gradients.planar_fit(self.metallicity, centre_kpc=self.centre_kpc, psf=self.psf)
 
     # ------------------------------------------------------------------ widget
-    @property
-    def widget(self):
-        if self._ui is None:
-            self._build_ui()
-        return self._ui["box"]
-
     def _build_ui(self) -> None:
         import bqplot as bq
         import ipywidgets as w

@@ -301,12 +301,6 @@ class LensExplorer(ExplorerBase):
         self.selected_source_pixel = (int(row), int(col))
 
     # ------------------------------------------------------------------ widget
-    @property
-    def widget(self):
-        if self._ui is None:
-            self._build_ui()
-        return self._ui["box"]
-
     def _build_ui(self) -> None:
         import bqplot as bq
         import ipywidgets as w

@@ -298,13 +298,6 @@ class LineFitExplorer(ExplorerBase):
         return rows
 
     # ------------------------------------------------------------------ widget
-    @property
-    def widget(self):
-        """The ipywidgets container (built on first use)."""
-        if self._ui is None:
-            self._build_ui()
-        return self._ui["box"]
-
     def _build_ui(self) -> None:
         import bqplot as bq
         import ipywidgets as w

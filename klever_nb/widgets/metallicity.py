@@ -238,12 +238,6 @@ class MetallicityExplorer(ExplorerBase):
         return out
 
     # ------------------------------------------------------------------ widget
-    @property
-    def widget(self):
-        if self._ui is None:
-            self._build_ui()
-        return self._ui["box"]
-
     def _coords(self) -> tuple[np.ndarray, np.ndarray]:
         ydim, xdim = self.dims
         return (np.asarray(self.line_maps[ydim].values, float),
