@@ -25,6 +25,7 @@ from astropy.wcs import WCS
 from scipy import interpolate, signal
 
 from klever_nb import lensing as L
+from klever_nb.lensmodels import ParametricLens
 
 P = 0.05
 N = 600
@@ -41,15 +42,6 @@ def _header(scale: float, crpix: float) -> str:
     return w.to_header_string()
 
 
-class SIS:
-    def __init__(self, theta_e: float):
-        self.theta_e = theta_e
-
-    def deflection(self, x, y):
-        r = np.hypot(x, y)
-        return self.theta_e * x / r, self.theta_e * y / r
-
-
 def best_of(fn, repeat: int = 5) -> float:
     times = []
     for _ in range(repeat):
@@ -60,7 +52,8 @@ def best_of(fn, repeat: int = 5) -> float:
 
 
 def main() -> dict:
-    lens = L.lens_from_parametric(SIS(1.5), grid_like=((N, N), P, _header(P, (N + 1) / 2)))
+    sis = ParametricLens(({"type": "SIS", "theta_e": 1.5},))
+    lens = L.lens_from_parametric(sis, grid_like=((N, N), P, _header(P, (N + 1) / 2)))
     lens.attrs["z_source"] = 1.5
     tx, ty = np.meshgrid(lens["theta_x"], lens["theta_y"])
     ax, ay = lens["alpha_x"].values, lens["alpha_y"].values

@@ -221,6 +221,8 @@ class ExplorerBase(traitlets.HasTraits):
     status = traitlets.Unicode("")
 
     _ui: dict | None = None
+    #: Key of the main map panel in ``_ui`` (see :attr:`image_map`).
+    _main_map = "image"
 
     @property
     def widget(self):
@@ -234,6 +236,12 @@ class ExplorerBase(traitlets.HasTraits):
 
     def static_figure(self):  # pragma: no cover - overridden
         raise NotImplementedError
+
+    @property
+    def image_map(self) -> ImageMap:
+        """The main map panel (``.image`` holds the array drawn, ``.click(y, x)`` clicks it)."""
+        self.widget  # noqa: B018
+        return self._ui[self._main_map]
 
     @property
     def controls(self) -> dict[str, Any]:

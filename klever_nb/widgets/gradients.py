@@ -70,6 +70,8 @@ class GradientExplorer(ExplorerBase):
     >>> ex.step_fraction = 0.3; ex.summary["gradient_dex_per_kpc"]  # doctest: +SKIP
     """
 
+    _main_map = "map"
+
     centre_kpc = traitlets.Tuple(traitlets.Float(), traitlets.Float(), default_value=(0.0, 0.0))
     step_fraction = traitlets.Float(0.5, min=0.05)
     shape = traitlets.Enum(("psf", "circular"), default_value="psf")
@@ -246,7 +248,6 @@ class GradientExplorer(ExplorerBase):
         keys = ("annuli", "centre", "arrow", "points", "errors", "paper", "forward", "global",
                 "hwhm")
         return {k: self._ui[k] for k in keys}
-
 
     @property
     def panels(self) -> dict[str, ImageMap]:

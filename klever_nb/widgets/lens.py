@@ -353,7 +353,6 @@ class LensExplorer(ExplorerBase):
         self.widget  # noqa: B018
         return {k: self._ui[k] for k in ("critical", "feeding", "caustic", "psf", "landing")}
 
-
     @property
     def panels(self) -> dict[str, ImageMap]:
         self.widget  # noqa: B018

@@ -370,13 +370,6 @@ class LineFitExplorer(ExplorerBase):
                 "data": ui["data"], "noise": ui["noise"], "model": ui["model"],
                 "sky": ui["sky"]}
 
-    @property
-    def image_map(self) -> ImageMap:
-        """The map panel (``.image`` holds the array drawn, ``.click(y, x)`` clicks it)."""
-        self.widget  # noqa: B018
-        return self._ui["image"]
-
-
     def _redraw_map(self) -> None:
         if self._ui is None:
             return

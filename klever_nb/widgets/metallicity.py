@@ -346,12 +346,6 @@ class MetallicityExplorer(ExplorerBase):
                 "bpt_here")
         return {k: self._ui[k] for k in keys} | {"image": self._ui["image"].mark}
 
-
-    @property
-    def image_map(self) -> ImageMap:
-        self.widget  # noqa: B018
-        return self._ui["image"]
-
     def _redraw_map(self) -> None:
         if self._ui is None:
             return
