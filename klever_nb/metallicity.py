@@ -109,6 +109,17 @@ def _weights(log_r_obs: np.ndarray, log_r_err: np.ndarray, sigma_cal: np.ndarray
 # ---------------------------------------------------------------------------
 # Exact grid posterior
 # ---------------------------------------------------------------------------
+def _observations(log_r_obs, log_r_err, diagnostics: Sequence[str]
+                  ) -> tuple[np.ndarray, np.ndarray, int]:
+    """Observed log ratios and errors as float arrays whose last axis is the diagnostics."""
+    obs_in = np.asarray(log_r_obs, dtype=float)
+    err_in = np.asarray(log_r_err, dtype=float)
+    n_diag = len(diagnostics)
+    if obs_in.shape[-1] != n_diag or err_in.shape != obs_in.shape:
+        raise ConfigError(f"log_r_obs/log_r_err last axis must have {n_diag} diagnostics")
+    return obs_in, err_in, n_diag
+
+
 def posterior_grid(log_r_obs: np.ndarray, log_r_err: np.ndarray, diagnostics: Sequence[str], *,
                    calibration_set: str = "C20", grid: np.ndarray) -> np.ndarray:
     """Normalised posterior density of 12+log(O/H) on ``grid`` for all pixels at once.
@@ -136,13 +147,9 @@ def posterior_grid(log_r_obs: np.ndarray, log_r_err: np.ndarray, diagnostics: Se
     ----------
     K20 §3.4, eq. (1); FACTS.md §1.3-1.4.
     """
-    obs_in = np.asarray(log_r_obs, dtype=float)
-    err_in = np.asarray(log_r_err, dtype=float)
-    grid = np.asarray(grid, dtype=float)
-    n_diag = len(diagnostics)
-    if obs_in.shape[-1] != n_diag or err_in.shape != obs_in.shape:
-        raise ConfigError(f"log_r_obs/log_r_err last axis must have {n_diag} diagnostics")
+    obs_in, err_in, n_diag = _observations(log_r_obs, log_r_err, diagnostics)
     lead = obs_in.shape[:-1]
+    grid = np.asarray(grid, dtype=float)
     model, sigma = _model_table(diagnostics, calibration_set, grid)
     obs, weight = _weights(obs_in.reshape(-1, n_diag), err_in.reshape(-1, n_diag), sigma)
     chi2 = np.zeros((obs.shape[0], grid.size))
@@ -265,11 +272,7 @@ def grid_summary(log_r_obs: np.ndarray, log_r_err: np.ndarray, diagnostics: Sequ
         ``n_diagnostics``, ``bimodal``, ``at_edge``, ``no_diagnostic``; arrays of
         shape ``log_r_obs.shape[:-1]``.
     """
-    obs_in = np.asarray(log_r_obs, dtype=float)
-    err_in = np.asarray(log_r_err, dtype=float)
-    n_diag = len(diagnostics)
-    if obs_in.shape[-1] != n_diag or err_in.shape != obs_in.shape:
-        raise ConfigError(f"log_r_obs/log_r_err last axis must have {n_diag} diagnostics")
+    obs_in, err_in, n_diag = _observations(log_r_obs, log_r_err, diagnostics)
     lead = obs_in.shape[:-1]
     grid = np.asarray(grid, dtype=float)
     model, sigma = _model_table(diagnostics, calibration_set, grid)

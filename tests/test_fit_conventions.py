@@ -9,7 +9,6 @@ compared with the truth within the fit errors instead.
 
 from __future__ import annotations
 
-import astropy.units as u
 import numpy as np
 import pytest
 
@@ -20,12 +19,12 @@ from tests.test_io_cubes import (
     CONVENTIONS,
     LINE_UM,
     LINEAR_VACUUM,
-    PIX_ARCSEC,
     REDSHIFT,
     SCALE,
+    per_spaxel_factor,
 )
 
-TARGET = u.Unit("1e-20 erg / (s cm2)")
+TARGET = "1e-20 erg / (s cm2)"
 SIGMA_KMS_TRUE = 80.0  # observed (total) line width of the model cube
 
 
@@ -35,13 +34,7 @@ def _fit(tmp_path, writer):
     # R known and equal for all: the instrumental width is then removed identically.
     maps = fit_cube(cube, redshift=REDSHIFT, lines=("Halpha",), resolving_power=1e6,
                     mask_sky=False)
-    unit = u.Unit(maps["flux"].attrs["units"])
-    if unit.is_equivalent(TARGET / u.arcsec**2):
-        factor = (unit * u.arcsec**2).to(TARGET) * PIX_ARCSEC**2
-    elif unit.is_equivalent(TARGET / u.pix):
-        factor = (unit * u.pix).to(TARGET)
-    else:
-        factor = unit.to(TARGET)
+    factor = per_spaxel_factor(maps["flux"].attrs["units"], TARGET)
     line = maps.sel(line="Halpha")
     covered = cube["wave"].values.max() > LINE_UM * (1 + 5 * SIGMA_KMS_TRUE / C_KMS)
     return (line["flux"].values * factor, line["flux_err"].values * factor,

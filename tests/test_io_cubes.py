@@ -237,16 +237,19 @@ LINEAR_VACUUM = {"kmos_combined_um", "kmos_combined_angstrom_suffix", "kmos_per_
                  "err_holding_variance"}
 
 
+def per_spaxel_factor(units: str, target: str) -> float:
+    """Factor from ``units`` (per spaxel, per pixel or per arcsec²) to ``target`` per spaxel."""
+    unit, target = u.Unit(units), u.Unit(target)
+    if unit.is_equivalent(target / u.arcsec**2):
+        return (unit * u.arcsec**2).to(target) * PIX_ARCSEC**2
+    if unit.is_equivalent(target / u.pix):
+        return (unit * u.pix).to(target)
+    return unit.to(target)
+
+
 def per_spaxel_1e20(cube) -> tuple[np.ndarray, np.ndarray]:
     """Flux and noise converted to the truth's unit (1e-20 erg/s/cm2/Å per spaxel)."""
-    unit = u.Unit(cube.flux.attrs["units"])
-    target = u.Unit("1e-20 erg / (s cm2 Angstrom)")
-    if unit.is_equivalent(target / u.arcsec**2):
-        factor = (unit * u.arcsec**2).to(target) * PIX_ARCSEC**2
-    elif unit.is_equivalent(target / u.pix):
-        factor = (unit * u.pix).to(target)
-    else:
-        factor = unit.to(target)
+    factor = per_spaxel_factor(cube.flux.attrs["units"], "1e-20 erg / (s cm2 Angstrom)")
     return cube.flux.values * factor, cube.noise.values * factor
 
 
