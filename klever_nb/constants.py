@@ -7,6 +7,7 @@ the section of ``FACTS.md`` or of the paper (Curti et al. 2020, MNRAS 492, 821;
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from functools import cache
 
@@ -212,6 +213,9 @@ KROUPA_TO_CHABRIER = 1.06
 # ---------------------------------------------------------------------------
 # Paper defaults for the analysis (K20)
 # ---------------------------------------------------------------------------
+#: FWHM of a Gaussian in units of its standard deviation: 2 sqrt(2 ln 2) = 2.35482...
+#: (exact; use ``sigma = fwhm / FWHM_PER_SIGMA``).
+FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
 #: Spatial smoothing FWHM before fitting (K20 §3.1).
 SMOOTH_FWHM_ARCSEC = 0.4
 #: Pseudo-fibre radius (K20 §3.1).

@@ -32,7 +32,7 @@ from scipy import ndimage
 from klever_nb import constants
 from klever_nb.errors import ConfigError, InputError
 
-FWHM_PER_SIGMA = 2.0 * np.sqrt(2.0 * np.log(2.0))
+FWHM_PER_SIGMA = constants.FWHM_PER_SIGMA
 #: Aperture radius used when a cube has no angular pixel scale (K20 §3.1: 0.6" / 0.2").
 DEFAULT_FIBRE_RADIUS_PIX = 3.0
 
