@@ -11,7 +11,8 @@ while the line amplitudes are solved in closed form.
 Model (source plane, coordinates in kpc)
 ----------------------------------------
 * Halpha surface brightness Sigma(x, y) = exp(-R / h), R the elliptical radius about
-  (x0, y0) with axis ratio q and position angle PA (from +xs towards +ys).
+  (x0, y0) with axis ratio q and major-axis angle theta (``theta_deg``: source-grid frame,
+  from +xs towards +ys; not a sky PA).
 * 12+log(O/H) = central + gradient x r, with r the *projected* distance from (x0, y0)
   (``radius="projected"``, as the paper's annuli) or the deprojected disc radius R
   (``radius="deprojected"``).
@@ -60,11 +61,11 @@ from scipy.special import ndtr
 from threadpoolctl import threadpool_limits
 
 from klever_nb.calibrations import get_calibration
+from klever_nb.constants import FWHM_PER_SIGMA
 from klever_nb.errors import ConfigError, InputError
 from klever_nb.gradients import DIAGNOSTIC_LINES
 
-_FWHM_TO_SIGMA = 1.0 / (2.0 * np.sqrt(2.0 * np.log(2.0)))
-PARAMETERS = ("centre_x_kpc", "centre_y_kpc", "log10_scale_length_kpc", "axis_ratio", "pa_deg",
+PARAMETERS = ("centre_x_kpc", "centre_y_kpc", "log10_scale_length_kpc", "axis_ratio", "theta_deg",
               "central_oh", "gradient_dex_per_kpc")
 #: Diagnostics the forward model can use: a ratio to a Balmer line (FACTS.md §1.2).
 FORWARD_DIAGNOSTICS = ("N2", "R3", "S2", "R2")
@@ -210,14 +211,18 @@ class AffineLens:
         return bx + self.source_centre_kpc[0], by + self.source_centre_kpc[1]
 
     def source_psf(self, psf_fwhm_arcsec: float) -> dict[str, float]:
-        """The image-plane Gaussian PSF mapped to the source plane (the paper's SP PSF)."""
+        """The image-plane Gaussian PSF mapped to the source plane (the paper's SP PSF).
+
+        ``theta_deg`` is the major axis's angle in the source-grid frame (from +xs towards
+        +ys, in [0, 180)), not a sky position angle (FACTS.md §13).
+        """
         fwhm_t = psf_fwhm_arcsec / self.mu_tangential * self.kpc_per_arcsec
         fwhm_r = psf_fwhm_arcsec / self.mu_radial * self.kpc_per_arcsec
         if fwhm_r >= fwhm_t:
             return {"fwhm_major_kpc": fwhm_r, "fwhm_minor_kpc": fwhm_t,
-                    "pa_deg": (self.tangential_angle_deg + 90.0) % 180.0}
+                    "theta_deg": (self.tangential_angle_deg + 90.0) % 180.0}
         return {"fwhm_major_kpc": fwhm_t, "fwhm_minor_kpc": fwhm_r,
-                "pa_deg": self.tangential_angle_deg % 180.0}
+                "theta_deg": self.tangential_angle_deg % 180.0}
 
 
 def _pixel_response(n_pix: int, n_fine: int, margin: int, oversample: int,
@@ -236,7 +241,7 @@ def _pixel_response(n_pix: int, n_fine: int, margin: int, oversample: int,
 def _affine_geometry(lens: AffineLens, ifu_shape, pixel_scale_arcsec, psf_fwhm_arcsec,
                      oversample):
     ny, nx = ifu_shape
-    sigma_pix = psf_fwhm_arcsec * _FWHM_TO_SIGMA / pixel_scale_arcsec
+    sigma_pix = psf_fwhm_arcsec / FWHM_PER_SIGMA / pixel_scale_arcsec
     margin = int(np.ceil(4 * sigma_pix)) + 1
     nfy, nfx = (ny + 2 * margin) * oversample, (nx + 2 * margin) * oversample
     fy, ry = _pixel_response(ny, nfy, margin, oversample, sigma_pix)
@@ -340,7 +345,7 @@ def _ifu_psf_matrix(ifu_shape: tuple[int, int], fwhm_pix: float) -> np.ndarray:
     """Dense Gaussian blur of an IFU image (point at each pixel centre, pixel-integrated)."""
     mats = []
     for n in ifu_shape:
-        _, resp = _pixel_response(n, n, 0, 1, fwhm_pix * _FWHM_TO_SIGMA)
+        _, resp = _pixel_response(n, n, 0, 1, fwhm_pix / FWHM_PER_SIGMA)
         mats.append(resp)
     return np.kron(mats[0], mats[1])
 
@@ -905,7 +910,7 @@ def _fit_forward_gradient(line_maps_image, *, lens_forward, source_grid_kpc, psf
     params = {name: (float(p50[k]), float(0.5 * (p84[k] - p16[k])))
               for k, name in enumerate(PARAMETERS) if k not in (3, 4)}
     params["axis_ratio"] = (float(np.median(q_chain)), float(np.std(q_chain)))
-    params["pa_deg"] = (float(np.rad2deg(np.median(pa_chain)) % 180), np.nan)
+    params["theta_deg"] = (float(np.rad2deg(np.median(pa_chain)) % 180), np.nan)
     lp = sampler.get_log_prob(flat=True)
     if lp.max() > model.log_prob(best)[0]:
         best = sampler.get_chain(flat=True)[np.argmax(lp)]

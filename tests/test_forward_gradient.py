@@ -68,7 +68,8 @@ def test_affine_source_psf_is_the_image_psf_shrunk_by_the_stretches():
     psf = LENS.source_psf(0.6)
     assert psf["fwhm_major_kpc"] == pytest.approx(0.6 / 1.6 * 8.69)
     assert psf["fwhm_minor_kpc"] == pytest.approx(0.6 / 2.5 * 8.69)
-    assert psf["pa_deg"] == pytest.approx(110.0)
+    assert psf["theta_deg"] == pytest.approx(110.0)
+    assert "pa_deg" not in psf  # a bare PA would not say its frame (FACTS.md §13)
 
 
 def test_probing_a_callable_gives_its_matrix_and_rejects_nonlinear_ones(operator):
