@@ -46,6 +46,9 @@ def _add_run(sub) -> None:
     p.add_argument("galaxy", type=Path, help="galaxy TOML file")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--force", action="store_true", help="rerun stages even if up to date")
+    p.add_argument("--method", choices=["default", "k20"], default=None,
+                   help="k20: the paper's estimators everywhere (μ(Hα) image/source flux, "
+                   "source PSF from the seeing alone); overrides [analysis] method")
 
 
 def _add_fit(sub) -> None:
@@ -122,7 +125,8 @@ def _cmd_mock(args) -> int:
 def _cmd_run(args) -> int:
     from klever_nb import pipeline
 
-    summary_path = pipeline.run_galaxy(args.galaxy, args.out, force=args.force)
+    summary_path = pipeline.run_galaxy(args.galaxy, args.out, force=args.force,
+                                       method=args.method)
     print(f"products: {summary_path.parent}")
     return 0
 

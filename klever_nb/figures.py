@@ -76,7 +76,7 @@ def gradient_figure(metallicity: xr.Dataset, profile: xr.Dataset, summary: Mappi
     mesh = _pcolor(ax, metallicity["oh"], cmap="viridis")
     fig.colorbar(mesh, ax=ax, label="12+log(O/H)")
     q = profile.attrs.get("axis_ratio", 1.0)
-    pa = profile.attrs.get("pa_deg", 0.0)
+    pa = profile.attrs.get("theta_deg", 0.0)
     size = profile.attrs.get("size", "geometric")
     for r_out in np.asarray(profile["r_out_kpc"]):
         a = r_out / np.sqrt(q) if size == "geometric" else r_out

@@ -29,7 +29,9 @@ Decisions (FACTS.md §11)
   apart) are corrected (K20 §3.4), with the pixel's Balmer E(B-V) where Hbeta has
   SNR >= 3 and the global E(B-V) elsewhere; the E(B-V) error is propagated
   (:func:`klever_nb.ratios.observed_log_ratio`).
-- Pixels classified AGN in either BPT diagram are excluded by default (issue 6).
+- Pixels classified AGN in either BPT diagram are flagged (``agn_like``) and kept by default:
+  K20 §3.4 removed one AGN galaxy after checking BPT positions, it cut no pixels
+  (``exclude_agn=True`` drops them).
 - ``poor_fit`` marks chi2_min with upper-tail probability < 1e-3 (ratios off every
   curve, e.g. R3 above its maximum); the posterior is still reported.
 """
@@ -561,6 +563,13 @@ def dust_inputs(maps: xr.Dataset, *, ebv: float | xr.DataArray | None = None,
                "global_ebv_err": float(np.nanmean(np.asarray(global_err, dtype=float)))})
 
 
+def _agn_like(maps: xr.Dataset, shape: tuple[int, ...]) -> np.ndarray:
+    """Pixels on the AGN side of the [NII] or [SII] BPT diagram (False where undecided, K20 §3.4)."""
+    from klever_nb.bpt import bpt_classify
+
+    return np.asarray(bpt_classify(maps)["agn"].values, dtype=bool).reshape(shape)
+
+
 def metallicity_map(
     maps: xr.Dataset,
     *,
@@ -573,7 +582,7 @@ def metallicity_map(
     grid_step: float = GRID_STEP,
     snr_min_strong: float = METALLICITY_SNR_STRONG,
     snr_min_weak: float = METALLICITY_SNR_WEAK,
-    exclude_agn: bool = True,
+    exclude_agn: bool = False,
     dust_correction: bool | None = None,
     min_snr_hbeta: float = 3.0,
     emcee_kwargs: dict | None = None,
@@ -603,6 +612,8 @@ def metallicity_map(
         Per-pixel SNR thresholds (K20 §4.2: 5 on Halpha, [OIII]5007; 2.5 otherwise).
     exclude_agn : bool
         Drop pixels that are AGN in the [NII] or [SII] BPT diagram (:mod:`klever_nb.bpt`).
+        Default False, as K20 (§3.4: one AGN galaxy removed, no pixel cut); the pixels are
+        flagged ``agn_like`` either way.
     dust_correction : bool, optional
         Default (None): correct the dust-sensitive diagnostics (lines at distant
         wavelengths, e.g. [OII]; K20 §3.4) and leave R3, N2, S2... as observed;
@@ -620,7 +631,8 @@ def metallicity_map(
         On the spatial dims of ``maps``: ``oh`` (posterior median), ``oh_lo``,
         ``oh_hi`` (16th/84th percentiles), ``oh_err_lo``, ``oh_err_hi``, ``mode``,
         ``chi2_min``, ``n_diagnostics``, flags ``bimodal``, ``at_edge``,
-        ``no_diagnostic``, ``poor_fit``, ``agn_excluded``; ``log_ratio`` and
+        ``no_diagnostic``, ``poor_fit``, ``agn_like``, ``agn_excluded``,
+        ``all_diagnostics`` (every diagnostic of the set entered); ``log_ratio`` and
         ``log_ratio_err`` on ``(diagnostic, ...)``; ``ebv``/``ebv_err`` when dust
         correction was applied; for emcee also ``tau``, ``converged``. Attrs:
         ``diagnostics_used``, ``calibration_set``, ``method``, ``dust_corrected``...
@@ -659,11 +671,8 @@ def metallicity_map(
     if maps.attrs.get("dust_corrected", False):
         do_dust = False
 
-    agn = np.zeros(shape, dtype=bool)
-    if exclude_agn:
-        from klever_nb.bpt import bpt_classify
-
-        agn = np.asarray(bpt_classify(maps)["agn"].values, dtype=bool).reshape(shape)
+    agn_like = _agn_like(maps, shape)
+    agn = agn_like if exclude_agn else np.zeros(shape, dtype=bool)
 
     dust = None
     ratio_kwargs: dict = {}
@@ -730,7 +739,10 @@ def metallicity_map(
         "at_edge": var(summary["at_edge"], "posterior truncated at the validity range"),
         "no_diagnostic": var(summary["no_diagnostic"], "no usable ratio: oh is NaN"),
         "poor_fit": var(poor, f"chi2_min upper-tail probability < {POOR_FIT_PVALUE}"),
+        "agn_like": var(agn_like, "AGN side of the [NII] or [SII] BPT diagram"),
         "agn_excluded": var(agn, "AGN-like in a BPT diagram, excluded"),
+        "all_diagnostics": var(n_used == n_diag, "every diagnostic of the galaxy's set "
+                               "entered this pixel (the pixels a gradient uses, K20 §4.2)"),
     }
     if method == "emcee" and n_diag:
         data["tau"] = var(summary["tau"], "emcee integrated autocorrelation time (steps)")

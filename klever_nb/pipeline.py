@@ -23,8 +23,8 @@ import numpy as np
 import xarray as xr
 
 from klever_nb import __version__, constants
-from klever_nb.config import GalaxyConfig, load_galaxy, load_sample
-from klever_nb.errors import InputError, KleverError
+from klever_nb.config import METHODS, GalaxyConfig, load_galaxy, load_sample
+from klever_nb.errors import ConfigError, InputError, KleverError
 from klever_nb.io import read_datatree, read_netcdf, write_json, write_netcdf, write_text
 from klever_nb.io.cubes import open_cube
 
@@ -142,7 +142,7 @@ def _stage(products: Path, name: str, stage_hash: str, force: bool,
 
 
 def run_galaxy(config_path: str | Path, out_dir: str | Path, *, force: bool = False,
-               progress: bool | None = None) -> Path:
+               progress: bool | None = None, method: str | None = None) -> Path:
     """Run every stage on one galaxy; return the path of its ``summary.json``.
 
     Parameters
@@ -155,10 +155,19 @@ def run_galaxy(config_path: str | Path, out_dir: str | Path, *, force: bool = Fa
         Recompute every stage even when its product is up to date.
     progress : bool or None
         Show a progress bar (default: only on a terminal).
+    method : {"default", "k20"}, optional
+        Overrides ``[analysis] method`` (``klever-nb run --method``): ``"k20"`` reproduces
+        the paper's estimators everywhere.
     """
+    from dataclasses import replace
+
     from tqdm.auto import tqdm
 
     cfg = load_galaxy(config_path)
+    if method is not None:
+        if method not in METHODS:
+            raise ConfigError(f"method: must be one of {', '.join(METHODS)}, got {method!r}")
+        cfg = replace(cfg, analysis=replace(cfg.analysis, method=method))
     settings = cfg.analysis
     tree = read_galaxy_cubes(cfg)
     first = next(iter(tree.children.values())).to_dataset()
@@ -190,7 +199,7 @@ def run_galaxy(config_path: str | Path, out_dir: str | Path, *, force: bool = Fa
     bar.update()
 
     source = _stage(products, "source_maps.nc", _hash(base_hash, "lens"), force,
-                    lambda: _lens_stage(maps, cfg, lens, alternatives, cube_wcs))
+                    lambda: _lens_stage(maps, cfg, lens, alternatives, cube_wcs, tree))
     summary.update(json.loads(source.attrs.get("lensing_summary", "{}")))
     bar.update()
 
@@ -269,24 +278,86 @@ def _integrated_summary(maps: xr.Dataset) -> dict:
     return out
 
 
+#: Band whose continuum peak centres the annuli (K20 §4.2: the H-band continuum).
+CENTRE_CONTINUUM_BAND = "H"
+#: Pseudo-line under which the continuum map travels through the source-plane reconstruction.
+_CONTINUUM_LINE = "continuum_" + CENTRE_CONTINUUM_BAND
+#: The continuum counts as detected when its lightly smoothed peak reaches this SNR.
+CONTINUUM_DETECTION_SNR = 5.0
+
+
+def _continuum_map(tree: xr.DataTree, maps: xr.Dataset) -> xr.Dataset | None:
+    """The H-band continuum image as a pseudo-line (flux, flux_err, snr) and its detection.
+
+    ``continuum_image`` is the median of the line-free channels of each spaxel, so its
+    1σ is ~1.2533 σ_channel / sqrt(N) (the efficiency of a median of N Gaussian values)
+    with σ_channel the spaxel's median noise. Detected: the peak of the map smoothed by a
+    1-spaxel Gaussian (whose noise is 1/(2 sqrt(pi)) of one spaxel's) reaches
+    ``CONTINUUM_DETECTION_SNR``.
+    """
+    from scipy.ndimage import gaussian_filter
+
+    band = CENTRE_CONTINUUM_BAND
+    if "continuum_image" not in maps or band not in maps["continuum_image"]["bands"].values \
+            or band not in tree.children:
+        return None
+    image = maps["continuum_image"].sel(bands=band).transpose("y", "x")
+    noise = tree[band].to_dataset()["noise"].transpose("wave", "y", "x")
+    n_channels = np.isfinite(noise).sum("wave")
+    sigma = 1.2533 * noise.median("wave") / np.sqrt(n_channels.where(n_channels > 0))
+    smoothed_snr = gaussian_filter(np.nan_to_num((image / sigma).values), 1.0) * 2 * np.sqrt(np.pi)
+    detected = bool(np.nanmax(smoothed_snr) >= CONTINUUM_DETECTION_SNR)
+    out = xr.Dataset({"flux": image.expand_dims(line=[_CONTINUUM_LINE]),
+                      "flux_err": sigma.transpose("y", "x").expand_dims(line=[_CONTINUUM_LINE])})
+    out["snr"] = out["flux"] / out["flux_err"]
+    if "band" in maps.coords:
+        out = out.assign_coords(band=("line", [band]))
+    out.attrs["detected"] = int(detected)
+    out.attrs["peak_snr"] = float(np.nanmax(smoothed_snr))
+    return out
+
+
 def _lens_stage(maps: xr.Dataset, cfg: GalaxyConfig, lens: xr.Dataset | None,
-                alternatives: list[xr.Dataset], cube_wcs: str) -> xr.Dataset:
+                alternatives: list[xr.Dataset], cube_wcs: str, tree: xr.DataTree) -> xr.Dataset:
+    """Source-plane maps (with the H continuum as ``continuum``) and the lensing summary.
+
+    The PSF handed to the reconstruction is the one the fitted maps have: seeing ⊕ the
+    spatial smoothing (:func:`klever_nb.lensing.maps_psf_fwhm_arcsec`), except with
+    ``method = "k20"``, which keeps the paper's seeing-only PSF.
+    """
     from klever_nb import lensing
 
     s = cfg.analysis
     keep = [v for v in ("flux", "flux_err", "snr", "velocity", "velocity_err", "sigma",
                         "sigma_err") if v in maps]
-    maps = maps[keep]
+    line_maps = maps[keep]
+    continuum = _continuum_map(tree, maps)
+    if continuum is not None:
+        line_maps = xr.concat([line_maps, continuum], dim="line", join="outer")
+        line_maps.attrs = dict(maps.attrs)
+    psf_fwhm = (cfg.psf_fwhm_arcsec if s.method == "k20"
+                else lensing.maps_psf_fwhm_arcsec(cfg.psf_fwhm_arcsec, maps))
     if lens is None:
-        source, info = lensing.unlensed_source_maps(maps, redshift=cfg.redshift,
-                                                    psf_fwhm_arcsec=cfg.psf_fwhm_arcsec)
+        source, info = lensing.unlensed_source_maps(line_maps, redshift=cfg.redshift,
+                                                    psf_fwhm_arcsec=psf_fwhm)
     else:
         shift, hst_info = _hst_registration(maps, lens, cfg, cube_wcs)
         source, info = lensing.reconstruct_source_plane(
-            maps, lens, redshift=cfg.redshift, cube_wcs=cube_wcs,
-            psf_fwhm_arcsec=cfg.psf_fwhm_arcsec, source_pixel_arcsec=s.source_pixel_arcsec,
+            line_maps, lens, redshift=cfg.redshift, cube_wcs=cube_wcs,
+            psf_fwhm_arcsec=psf_fwhm, source_pixel_arcsec=s.source_pixel_arcsec,
             alternatives=alternatives, shift_arcsec=shift)
         info.update(hst_info)
+    if continuum is not None:
+        source["continuum"] = source["flux"].sel(line=_CONTINUUM_LINE, drop=True)
+        source["continuum"].attrs = dict(source["flux"].attrs, band=CENTRE_CONTINUUM_BAND,
+                                         detected=continuum.attrs["detected"],
+                                         peak_snr=continuum.attrs["peak_snr"],
+                                         description="line-free continuum (K20 §4.2 centre)")
+        source = source.drop_sel(line=_CONTINUUM_LINE)
+        info.update(continuum_detected=bool(continuum.attrs["detected"]),
+                    continuum_peak_snr=continuum.attrs["peak_snr"])
+    info["source_psf_from"] = ("seeing only (K20)" if s.method == "k20" else
+                               "seeing and the spatial smoothing of the fitted maps")
     source.attrs["lensing_summary"] = json.dumps(info, default=float)
     return source
 
@@ -355,12 +426,15 @@ def _metallicity_stage(maps: xr.Dataset, source: xr.Dataset, cfg: GalaxyConfig,
     metal = metallicity.metallicity_map(
         source, diagnostics=diagnostics, calibration_set=s.calibration_set,
         redshift=cfg.redshift, ebv=ebv, ebv_err=ebv_err, method=s.metallicity_method,
-        snr_min_strong=s.snr_strong, snr_min_weak=s.snr_weak)
+        snr_min_strong=s.snr_strong, snr_min_weak=s.snr_weak,
+        exclude_agn=s.exclude_agn_pixels)
     info: dict[str, Any] = metallicity.global_metallicity(
         integrated, redshift=cfg.redshift, diagnostics=diagnostics,
         calibration_set=s.calibration_set, ebv=ebv, ebv_err=ebv_err,
         snr_min_strong=s.detection_snr, snr_min_weak=s.detection_snr)
-    info.update({"ebv": ebv, "ebv_err": ebv_err})
+    info.update({"ebv": ebv, "ebv_err": ebv_err,
+                 "agn_like_pixels": int(metal["agn_like"].sum()),
+                 "agn_pixels_excluded": int(metal["agn_excluded"].sum())})
     lensing_info = json.loads(source.attrs.get("lensing_summary", "{}"))
     mu = lensing_info.get("mu_halpha", 1.0) if cfg.lensed else 1.0
     mu_err = lensing_info.get("mu_halpha_err", 0.0) if cfg.lensed else 0.0
@@ -396,11 +470,16 @@ def _gradient_stage(products: Path, metal: xr.Dataset, source: xr.Dataset, maps:
         cached = json.loads(cache_path.read_text())
         if cached.get("input_hash") == stage_hash:
             return cached["summary"]
-    psf = {"fwhm_major_kpc": summary["source_psf_fwhm_kpc"][0],
-           "fwhm_minor_kpc": summary["source_psf_fwhm_kpc"][1],
-           "pa_deg": summary.get("source_psf_pa_deg", 0.0)}
+    from klever_nb import lensing
+
+    psf = lensing.annulus_psf(summary)
+    centre, centre_used = gradients.gradient_centre(
+        source, rule=cfg.analysis.centre if isinstance(cfg.analysis.centre, str) else "continuum",
+        user_centre_kpc=_user_centre_kpc(cfg, source, lens))
     profile, info = gradients.measure_gradient(
-        metal, psf=psf, step_fraction=cfg.analysis.step_fraction, line_maps=source)
+        metal, psf=psf, centre_kpc=centre, step_fraction=cfg.analysis.step_fraction,
+        line_maps=source)
+    info["centre_used"] = centre_used
     lines = ["radius_kpc,oh,oh_err,n_pixels"]
     for r, oh, err, n in zip(profile["radius_kpc"].values, profile["oh"].values,
                              profile["oh_err"].values, profile["n_pixels"].values, strict=True):
@@ -409,9 +488,11 @@ def _gradient_stage(products: Path, metal: xr.Dataset, source: xr.Dataset, maps:
     fit = info.get("fit", {})
     info = {k: v for k, v in info.items() if k != "fit"}
     if np.isfinite(info.get("gradient_dex_per_kpc", np.nan)):
-        info.update(_two_d_statistics(metal, fit or info, psf))
+        selected, _ = gradients.gradient_pixels(metal)
+        info.update(_two_d_statistics(selected, fit or info, psf, centre))
     forward = {}
-    if cfg.analysis.forward_gradient and np.isfinite(info.get("gradient_dex_per_kpc", np.nan)):
+    if cfg.analysis.forward_gradient and cfg.analysis.method != "k20" and \
+            np.isfinite(info.get("gradient_dex_per_kpc", np.nan)):
         forward = _forward_gradient(maps, source, cfg, lens, summary)
         info.update(forward)
     fig = figures.gradient_figure(
@@ -431,6 +512,33 @@ def _gradient_stage(products: Path, metal: xr.Dataset, source: xr.Dataset, maps:
     plt.close(fig)
     write_json({"input_hash": stage_hash, "summary": info}, cache_path)
     return info
+
+
+def _user_centre_kpc(cfg: GalaxyConfig, source: xr.Dataset,
+                     lens: xr.Dataset | None) -> tuple[float, float] | None:
+    """``[analysis] centre = [ra_deg, dec_deg]`` on the source grid (kpc), else None.
+
+    Lensed: β of the sky position through the deflection maps
+    (:func:`klever_nb.lensing.sky_to_source_arcsec`); unlensed: the cube pixel of the sky
+    position (β is the image position there). ``xs``/``ys`` are β minus the grid centre
+    ``centre_beta_arcsec``, times kpc/arcsec.
+    """
+    from klever_nb import lensing
+    from klever_nb.io.images import wcs_from_string
+
+    if isinstance(cfg.analysis.centre, str):
+        return None
+    ra, dec = cfg.analysis.centre
+    if lens is not None:
+        beta = lensing.sky_to_source_arcsec(lens, ra, dec)
+    else:
+        wcs = wcs_from_string(source.attrs.get("wcs", ""))
+        px, py = (float(v) for v in wcs.world_to_pixel_values(ra, dec))
+        pix = float(source.attrs["pixel_scale_arcsec"])
+        beta = (px * pix, py * pix)
+    cx, cy = source.attrs["centre_beta_arcsec"]
+    scale = float(source.attrs["kpc_per_arcsec"])
+    return (beta[0] - cx) * scale, (beta[1] - cy) * scale
 
 
 def _forward_gradient(maps, source, cfg, lens, summary) -> dict:
@@ -487,14 +595,15 @@ def _forward_gradient(maps, source, cfg, lens, summary) -> dict:
     return out
 
 
-def _two_d_statistics(metal: xr.Dataset, info: dict, psf: dict) -> dict:
+def _two_d_statistics(metal: xr.Dataset, info: dict, psf: dict,
+                      centre: tuple[float, float]) -> dict:
     """§4.5: planar fit (steepest gradient) and the non-axisymmetry test of the residuals."""
     from klever_nb import gradients
 
     out: dict[str, Any] = {}
     try:
-        plane = gradients.planar_fit(metal, psf=psf)
-        asym = gradients.non_axisymmetry(metal, info, psf=psf)
+        plane = gradients.planar_fit(metal, psf=psf, centre_kpc=centre)
+        asym = gradients.non_axisymmetry(metal, info, psf=psf, centre_kpc=centre)
     except KleverError as err:
         return {"map_2d_message": str(err)}
     for key, value in plane.items():

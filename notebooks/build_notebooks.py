@@ -270,7 +270,7 @@ with warnings.catch_warnings():
 print(f"mu(Halpha) = {summary['mu_halpha']:.2f} +- {summary['mu_halpha_err']:.2f}; "
       f"mu_maps = {summary['mu_maps']:.2f}; true mu of the mock = {galaxy.truth['mu']:.2f}")
 print("source PSF FWHM (kpc):", [round(v, 2) for v in summary["source_psf_fwhm_kpc"]],
-      "PA", round(summary["source_psf_pa_deg"]), "deg")
+      "PA", round(summary["source_psf_pa_deg_east_of_north"]), "deg east of north")
 """),
     md("""
 The paper's μ(Hα) is lower than the true magnification here: the PSF spreads flux from the
@@ -430,9 +430,7 @@ with warnings.catch_warnings():
         forward_iterations=0)
 oh_map = metallicity.metallicity_map(source, redshift=spec.redshift)
 global_oh = float(metallicity.metallicity_map(integrated, redshift=spec.redshift)["oh"])
-psf = {"fwhm_major_kpc": lens_summary["source_psf_fwhm_kpc"][0],
-       "fwhm_minor_kpc": lens_summary["source_psf_fwhm_kpc"][1],
-       "pa_deg": lens_summary["source_psf_pa_deg"]}
+psf = lensing.annulus_psf(lens_summary)
 psf
 """),
     md("""

@@ -11,7 +11,7 @@ from klever_nb import gradients as g
 from klever_nb.calibrations import get_calibration
 from klever_nb.errors import ConfigError, InputError
 
-PSF = {"fwhm_major_kpc": 1.5, "fwhm_minor_kpc": 0.8, "pa_deg": 30.0}
+PSF = {"fwhm_major_kpc": 1.5, "fwhm_minor_kpc": 0.8, "theta_deg": 30.0}
 
 
 def _grid(n=25, pix=0.2):
@@ -288,7 +288,7 @@ def test_non_axisymmetry_accounts_for_correlated_noise():
     from scipy.ndimage import gaussian_filter
 
     ys, xs, yy, xx = _grid(40, pix=0.1)
-    kernel = {"fwhm_major_kpc": 0.8, "fwhm_minor_kpc": 0.5, "pa_deg": 0.0}
+    kernel = {"fwhm_major_kpc": 0.8, "fwhm_minor_kpc": 0.5, "theta_deg": 0.0}
     sig = (0.5 / 2.3548 / 0.1, 0.8 / 2.3548 / 0.1)  # (y, x) in pixels
     unit = gaussian_filter(np.pad(np.ones((1, 1)), 70), sig)
     norm = np.sqrt((unit**2).sum())
@@ -303,3 +303,78 @@ def test_non_axisymmetry_accounts_for_correlated_noise():
         without.append(g.non_axisymmetry(ds, fit)["p_value"])
     assert stats.kstest(with_kernel, "uniform").pvalue > 0.01
     assert np.median(without) < 1e-6
+
+
+# ---------------------------------------------------------------------------------------------
+# Resolution class, pixel selection and centre (issue 21)
+# ---------------------------------------------------------------------------------------------
+HWHM = 0.5 * np.sqrt(PSF["fwhm_major_kpc"] * PSF["fwhm_minor_kpc"])
+
+
+@pytest.mark.parametrize(("extent_hwhm", "expected"), [
+    (3.6, "resolved"), (1.9, "marginal"), (0.9, "unresolved")])
+def test_resolution_class_with_the_default_step_reaches_every_class(extent_hwhm, expected):
+    """K20 §4.2 counts the radius of the outermost metallicity point: with the default step
+    (one HWHM size) two annuli reach ~1.6 HWHM, "marginal" (the outer *edge*, 2 HWHM, made
+    every two-annulus galaxy "resolved", so "marginal" could never happen)."""
+    ds = _linear_map(n=40)
+    rell = g.elliptical_radius_kpc(ds["ys"].values, ds["xs"].values, centre_kpc=(0, 0),
+                                   q=0.8 / 1.5, pa_deg=30.0)
+    ds = ds.where(xr.DataArray(rell < extent_hwhm * HWHM, dims=("ys", "xs")))
+    profile, summary = g.measure_gradient(ds, psf=PSF, fit_method="wls", systematics=False)
+    assert summary["resolved"] == expected
+    if summary["n_annuli"]:
+        assert summary["r_max_kpc"] == pytest.approx(float(profile["radius_kpc"].max()))
+        assert summary["r_max_kpc"] < summary["r_max_edge_kpc"]
+
+
+def test_gradient_uses_one_diagnostic_combination_and_drops_bimodal_pixels():
+    """Outer pixels with only a subset of the diagnostics (biased here by +0.3 dex) and
+    bimodal pixels stay out of the profile by default and are counted (K20 §4.2)."""
+    ys, xs, yy, xx = _grid(25)
+    r = np.hypot(xx, yy)
+    oh = 8.5 - 0.05 * r
+    ds = _map(oh, np.full_like(oh, 0.03), ys, xs)
+    complete = r < 3.0
+    ds["all_diagnostics"] = (("ys", "xs"), complete)
+    ds["oh"] = ds["oh"].where(complete, ds["oh"] + 0.3)
+    bimodal = (np.abs(xx - 1.0) < 0.15) & (np.abs(yy) < 0.15)
+    ds["bimodal"] = (("ys", "xs"), bimodal)
+    ds["oh"] = ds["oh"].where(~bimodal, 7.5)
+    _, summary = g.measure_gradient(ds, psf=PSF, fit_method="wls", systematics=False)
+    assert summary["gradient_dex_per_kpc"] == pytest.approx(-0.05, abs=2e-3)
+    assert summary["n_pixels_incomplete_diagnostics"] == int((~complete).sum())
+    assert summary["n_pixels_flagged"] == {"bimodal": int(bimodal.sum())}
+    assert summary["n_pixels_used"] == int((complete & ~bimodal).sum())
+    _, loose = g.measure_gradient(ds, psf=PSF, fit_method="wls", systematics=False,
+                                  require_all_diagnostics=False, exclude_flags=())
+    assert abs(loose["gradient_dex_per_kpc"] + 0.05) > 0.01  # what the old rule gave
+
+
+def test_a_psf_dict_with_an_ambiguous_pa_is_refused():
+    with pytest.raises(ConfigError, match="theta_deg"):
+        g.psf_axes({"fwhm_major_kpc": 1.0, "fwhm_minor_kpc": 0.5, "pa_deg": 30.0})
+
+
+def _peak_maps(x0, y0, continuum_detected):
+    ys, xs, yy, xx = _grid(20)
+    halpha = np.exp(-0.5 * (xx**2 + yy**2) / 0.8**2)
+    cont = np.exp(-0.5 * ((xx - x0) ** 2 + (yy - y0) ** 2) / 0.6**2)
+    ds = xr.Dataset({"flux": (("line", "ys", "xs"), halpha[None])},
+                    coords={"line": ["Halpha"], "ys": ys, "xs": xs})
+    ds["continuum"] = (("ys", "xs"), cont, {"detected": int(continuum_detected)})
+    return ds
+
+
+def test_centre_is_the_continuum_peak_else_halpha_else_the_users():
+    ds = _peak_maps(0.53, -0.37, True)
+    (x, y), used = g.gradient_centre(ds)
+    assert used == "h_continuum_peak"
+    assert (x, y) == pytest.approx((0.53, -0.37), abs=0.03)  # sub-pixel (pixel 0.2 kpc)
+    (x, y), used = g.gradient_centre(_peak_maps(0.53, -0.37, False))
+    assert used == "halpha_peak" and (x, y) == pytest.approx((0.0, 0.0), abs=1e-9)
+    (x, y), used = g.gradient_centre(ds, rule="halpha")
+    assert used == "halpha_peak"
+    (x, y), used = g.gradient_centre(ds, user_centre_kpc=(1.0, 2.0))
+    assert used == "user" and (x, y) == (1.0, 2.0)
+    assert set(g.CENTRE_USED) == {"h_continuum_peak", "halpha_peak", "user"}

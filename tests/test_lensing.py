@@ -414,7 +414,8 @@ def test_source_psf_axes_match_jacobian_mapping_and_second_moments(fwhm):
     assert psf["fwhm_major_arcsec"] == pytest.approx(major, rel=0.03)
     assert psf["fwhm_minor_arcsec"] == pytest.approx(minor, rel=0.05)
     assert psf["fwhm_major_kpc"] == pytest.approx(8.0 * psf["fwhm_major_arcsec"])
-    assert psf["pa_deg"] == pytest.approx(90.0, abs=1.0)  # major axis along x = east-west
+    assert psf["pa_deg_east_of_north"] == pytest.approx(90.0, abs=1.0)  # major along x: E-W
+    assert min(psf["theta_deg"], 180 - psf["theta_deg"]) == pytest.approx(0.0, abs=1.0)
     img = psf["image"].values
     ok = np.isfinite(img)
     xx, yy = np.meshgrid(psf["image"]["xs_arcsec"], psf["image"]["ys_arcsec"])
@@ -519,7 +520,8 @@ def test_reconstruct_source_plane_summary_fields():
     src, summary = L.reconstruct_source_plane(maps, lens, redshift=1.5, cube_wcs=cube,
                                               psf_fwhm_arcsec=0.5, alternative_lenses=alt)
     for key in ("mu_halpha", "mu_halpha_err", "mu_maps", "mu_maps_spread",
-                "source_psf_fwhm_kpc", "source_psf_pa_deg", "near_critical"):
+                "source_psf_fwhm_kpc", "source_psf_theta_deg", "source_psf_pa_deg_east_of_north",
+                "near_critical"):
         assert key in summary
     assert summary["mu_maps_models"]["n_models"] == 3
     assert summary["source_psf_fwhm_kpc"][0] >= summary["source_psf_fwhm_kpc"][1] > 0

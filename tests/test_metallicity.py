@@ -182,14 +182,17 @@ def test_bad_pixels_are_flagged_never_crash_or_warn():
     assert np.isfinite(out["oh"].values[1, 1])
 
 
-def test_agn_pixels_are_excluded_by_default():
+def test_agn_pixels_are_flagged_and_kept_by_default_as_k20():
+    """K20 §3.4 removed one AGN galaxy and cut no pixels: flag by default, cut on request."""
     maps = line_maps(np.full(2, 8.5), snr=100.0, dims=("pix",))
     maps["flux"].loc[dict(line="OIII_5007", pix=1)] = 10**0.9   # log O3 0.9, log N2 ~ -0.5: AGN
-    out = metallicity_map(maps, diagnostics=["R3", "N2"])
+    kept = metallicity_map(maps, diagnostics=["R3", "N2"])
+    assert kept["agn_like"].values.tolist() == [False, True]
+    assert not kept["agn_excluded"].values.any()
+    assert np.isfinite(kept["oh"].values).all()
+    out = metallicity_map(maps, diagnostics=["R3", "N2"], exclude_agn=True)
     assert out["agn_excluded"].values.tolist() == [False, True]
     assert np.isnan(float(out["oh"][1])) and np.isfinite(float(out["oh"][0]))
-    kept = metallicity_map(maps, diagnostics=["R3", "N2"], exclude_agn=False)
-    assert np.isfinite(float(kept["oh"][1]))
 
 
 @pytest.mark.parametrize("dims", [("ys", "xs"), ()])

@@ -14,7 +14,7 @@ from klever_nb.io import read_datatree, read_netcdf
 
 SUMMARY_KEYS = {
     "name", "redshift", "lensed", "halpha_flux", "halpha_flux_err", "mu_halpha", "mu_maps",
-    "source_psf_fwhm_kpc", "source_psf_pa_deg", "sfr", "sfr_err", "ebv", "global_oh",
+    "source_psf_fwhm_kpc", "source_psf_theta_deg", "source_psf_pa_deg_east_of_north", "sfr", "sfr_err", "ebv", "global_oh",
     "global_oh_err", "diagnostics", "gradient_dex_per_kpc", "gradient_err", "central_oh",
     "resolved", "r_max_kpc", "versions",
 }

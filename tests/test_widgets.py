@@ -375,9 +375,7 @@ def source_metallicity(galaxy):
             cube_wcs=galaxy.cubes["H"].attrs["wcs"], psf_fwhm_arcsec=spec.psf_fwhm_arcsec,
             forward_iterations=0)
     oh = metallicity.metallicity_map(source, redshift=spec.redshift, diagnostics=["R3", "N2"])
-    psf = {"fwhm_major_kpc": summary["source_psf_fwhm_kpc"][0],
-           "fwhm_minor_kpc": summary["source_psf_fwhm_kpc"][1],
-           "pa_deg": summary["source_psf_pa_deg"]}
+    psf = lensing.annulus_psf(summary)
     return oh, psf, source
 
 

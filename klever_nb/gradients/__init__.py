@@ -50,10 +50,12 @@ from klever_nb.gradients.annuli import elliptical_radius_kpc as elliptical_radiu
 from klever_nb.gradients.annuli import psf_axes as psf_axes
 from klever_nb.gradients.annuli import psf_hwhm_size_kpc as psf_hwhm_size_kpc
 from klever_nb.gradients.annuli import psf_linear_size_kpc as psf_linear_size_kpc
+from klever_nb.gradients.fit import CENTRE_USED as CENTRE_USED
 from klever_nb.gradients.fit import _emcee_line as _emcee_line
 from klever_nb.gradients.fit import _nan_fit as _nan_fit
 from klever_nb.gradients.fit import _wls_line as _wls_line
 from klever_nb.gradients.fit import fit_gradient as fit_gradient
+from klever_nb.gradients.fit import gradient_centre as gradient_centre
 from klever_nb.gradients.fit import gradient_systematics as gradient_systematics
 from klever_nb.gradients.fit import measure_gradient as measure_gradient
 from klever_nb.gradients.fit import peak_centre_kpc as peak_centre_kpc
@@ -70,6 +72,7 @@ from klever_nb.gradients.profile import _diagnostics_of as _diagnostics_of
 from klever_nb.gradients.profile import _profile_from_mean_ratios as _profile_from_mean_ratios
 from klever_nb.gradients.profile import _valid_pixels as _valid_pixels
 from klever_nb.gradients.profile import _weighted_mean_and_error as _weighted_mean_and_error
+from klever_nb.gradients.profile import gradient_pixels as gradient_pixels
 from klever_nb.gradients.profile import log_ratio_maps as log_ratio_maps
 from klever_nb.gradients.profile import oh_from_log_ratios as oh_from_log_ratios
 from klever_nb.gradients.profile import pixel_errors as pixel_errors

@@ -26,25 +26,34 @@ _FWHM_TO_SIGMA = 1.0 / (2.0 * np.sqrt(2.0 * np.log(2.0)))
 # PSF and grid geometry
 # ---------------------------------------------------------------------------
 def psf_axes(psf: Mapping[str, float]) -> tuple[float, float, float]:
-    """(FWHM major, FWHM minor, PA in degrees) of a source-PSF dict, validated.
+    """(FWHM major, FWHM minor, theta in degrees) of a source-PSF dict, validated.
+
+    ``theta_deg`` is the major axis's angle in the source-grid frame, counter-clockwise from
+    +xs towards +ys (FACTS.md §13), *not* a sky position angle: a dict with only ``pa_deg``
+    is refused, since that name has meant both.
 
     Raises
     ------
     ConfigError
         If a key is missing or a FWHM is not positive.
     """
+    if "theta_deg" not in psf and "pa_deg" in psf:
+        raise ConfigError("psf: 'pa_deg' is ambiguous; give 'theta_deg', the major axis's angle "
+                          "in the source-grid frame from +xs towards +ys (a sky position angle "
+                          "east of north is a different number: klever_nb.lensing.annulus_psf "
+                          "builds the dict from a lensing summary)")
     try:
         fwhm_a = float(psf["fwhm_major_kpc"])
         fwhm_b = float(psf["fwhm_minor_kpc"])
-        pa = float(psf.get("pa_deg", 0.0))
+        theta = float(psf.get("theta_deg", 0.0))
     except (KeyError, TypeError, ValueError):
         raise ConfigError("psf: needs keys 'fwhm_major_kpc', 'fwhm_minor_kpc' (kpc, > 0) and "
-                          f"'pa_deg'; got {dict(psf)!r}") from None
+                          f"'theta_deg'; got {dict(psf)!r}") from None
     if not (np.isfinite(fwhm_a) and np.isfinite(fwhm_b) and fwhm_a > 0 and fwhm_b > 0):
         raise ConfigError(f"psf: FWHMs must be finite and positive, got {fwhm_a}, {fwhm_b}")
     if fwhm_b > fwhm_a:
-        fwhm_a, fwhm_b, pa = fwhm_b, fwhm_a, pa + 90.0
-    return fwhm_a, fwhm_b, pa % 180.0
+        fwhm_a, fwhm_b, theta = fwhm_b, fwhm_a, theta + 90.0
+    return fwhm_a, fwhm_b, theta % 180.0
 
 
 def psf_linear_size_kpc(psf: Mapping[str, float]) -> float:
@@ -136,7 +145,8 @@ def elliptical_annuli(shape_or_coords: Any, *, centre_kpc: Sequence[float] = (0.
     centre_kpc : (x, y)
         Centre in kpc (``xs``, ``ys`` values).
     psf : dict
-        Source PSF ``{"fwhm_major_kpc", "fwhm_minor_kpc", "pa_deg"}`` (PA from +xs to +ys).
+        Source PSF ``{"fwhm_major_kpc", "fwhm_minor_kpc", "theta_deg"}`` (angle from +xs
+        towards +ys, see :func:`psf_axes`).
     step_fraction : float
         Radial step as a fraction of sqrt(FWHM_maj FWHM_min) (K20 §4.2).
     shape : {"psf", "circular"}

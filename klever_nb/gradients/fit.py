@@ -17,7 +17,7 @@ import xarray as xr
 
 from klever_nb.errors import ConfigError
 from klever_nb.gradients.annuli import psf_hwhm_size_kpc
-from klever_nb.gradients.profile import radial_profile
+from klever_nb.gradients.profile import gradient_pixels, radial_profile
 
 
 # ---------------------------------------------------------------------------
@@ -195,7 +195,8 @@ def measure_gradient(metallicity: xr.Dataset, *, psf: Mapping[str, float],
                      shape: str = "psf", size: str = "geometric", min_pixels: float = 3.0,
                      line_maps: xr.Dataset | None = None, method: str = "mean_oh",
                      fit_method: str = "emcee", systematics: bool = True,
-                     exclude_flags: Sequence[str] | None = None,
+                     exclude_flags: Sequence[str] | None = ("bimodal",),
+                     require_all_diagnostics: bool = True,
                      seed: int = 0) -> tuple[xr.Dataset, dict]:
     """The paper's gradient of one galaxy: profile, fit, resolution class, systematics.
 
@@ -204,12 +205,16 @@ def measure_gradient(metallicity: xr.Dataset, *, psf: Mapping[str, float],
     metallicity : Dataset
         Source-plane metallicity map (``oh``, ``oh_lo``, ``oh_hi`` on ``(ys, xs)`` in kpc).
     psf : dict
-        Source PSF ``{"fwhm_major_kpc", "fwhm_minor_kpc", "pa_deg"}``.
+        Source PSF ``{"fwhm_major_kpc", "fwhm_minor_kpc", "theta_deg"}`` (source-grid frame).
     centre_kpc : (x, y), optional
         Default: the coordinate origin, which the lensing stage puts on the galaxy centre
         (continuum or Halpha peak, K20 §4.2; see :func:`peak_centre_kpc`).
-    step_fraction, shape, size, min_pixels, line_maps, method, exclude_flags
+    step_fraction, shape, size, min_pixels, line_maps, method
         See :func:`radial_profile`.
+    exclude_flags, require_all_diagnostics
+        Which pixels enter (:func:`gradient_pixels`): by default only those where every
+        diagnostic of the galaxy's set entered (K20 §4.2: one combination per galaxy) and
+        whose posterior is not bimodal. The counts are in the summary.
     fit_method : {"emcee", "wls"}
     systematics : bool
         Also run :func:`gradient_systematics` (WLS, fast) for ``gradient_sys_err``.
@@ -219,7 +224,10 @@ def measure_gradient(metallicity: xr.Dataset, *, psf: Mapping[str, float],
     profile : Dataset
     summary : dict
         ``gradient_dex_per_kpc``, ``gradient_err``, ``central_oh``, ``central_oh_err``,
-        ``resolved`` ("resolved" | "marginal" | "unresolved"), ``r_max_kpc``,
+        ``resolved`` ("resolved" | "marginal" | "unresolved"), ``r_max_kpc`` (radius of
+        the outermost profile point in the fit, K20 §4.2's "radial distance out to which
+        metallicities are extracted"), ``r_max_edge_kpc`` (that annulus's outer edge), the
+        pixel counts of :func:`gradient_pixels`,
         ``gradient_sys_err``, ``n_annuli``, ``converged``, ``message``, and the full ``fit``.
         A galaxy with fewer than two usable annuli gets NaN numbers, "unresolved" and a
         message; no exception.
@@ -232,7 +240,7 @@ def measure_gradient(metallicity: xr.Dataset, *, psf: Mapping[str, float],
     >>> oh = 8.5 - 0.03 * r
     >>> ds = xr.Dataset({"oh": (("ys", "xs"), oh), "oh_lo": (("ys", "xs"), oh - 0.05),
     ...                  "oh_hi": (("ys", "xs"), oh + 0.05)}, coords={"ys": ys, "xs": xs})
-    >>> psf = {"fwhm_major_kpc": 1.5, "fwhm_minor_kpc": 0.8, "pa_deg": 30.0}
+    >>> psf = {"fwhm_major_kpc": 1.5, "fwhm_minor_kpc": 0.8, "theta_deg": 30.0}
     >>> profile, summary = measure_gradient(ds, psf=psf, fit_method="wls")
     >>> round(summary["gradient_dex_per_kpc"], 4), summary["resolved"]
     (-0.03, 'resolved')
@@ -242,15 +250,18 @@ def measure_gradient(metallicity: xr.Dataset, *, psf: Mapping[str, float],
     K20 §4.2, Appendix A.
     """
     centre = (0.0, 0.0) if centre_kpc is None else (float(centre_kpc[0]), float(centre_kpc[1]))
+    metallicity, counts = gradient_pixels(metallicity, exclude_flags=exclude_flags,
+                                          require_all_diagnostics=require_all_diagnostics)
     profile = radial_profile(metallicity, psf=psf, centre_kpc=centre,
                              step_fraction=step_fraction, shape=shape, size=size,
-                             min_pixels=min_pixels, line_maps=line_maps, method=method,
-                             exclude_flags=exclude_flags)
+                             min_pixels=min_pixels, line_maps=line_maps, method=method)
     n_annuli = int(profile.sizes["annulus"])
-    r_max = float(profile["r_out_kpc"].max()) if n_annuli else 0.0
+    r_max = float(profile["radius_kpc"].max()) if n_annuli else 0.0
     summary: dict[str, Any] = {"r_max_kpc": r_max, "n_annuli": n_annuli,
+                               "r_max_edge_kpc": float(profile["r_out_kpc"].max())
+                               if n_annuli else 0.0,
                                "psf_hwhm_size_kpc": psf_hwhm_size_kpc(psf),
-                               "centre_kpc": list(centre)}
+                               "centre_kpc": list(centre), **counts}
     if n_annuli < 2:
         fit = _nan_fit(f"unresolved: only {n_annuli} annulus/annuli with >= {min_pixels} valid "
                        f"pixels (step {profile.attrs['step_kpc']:.2f} kpc); the metallicity "
@@ -269,8 +280,7 @@ def measure_gradient(metallicity: xr.Dataset, *, psf: Mapping[str, float],
     sys_err = np.nan
     if systematics:
         sys_err = gradient_systematics(metallicity, psf=psf, centre_kpc=centre, size=size,
-                                       min_pixels=min_pixels,
-                                       exclude_flags=exclude_flags)["gradient_sys_err"]
+                                       min_pixels=min_pixels)["gradient_sys_err"]
     summary.update(gradient_dex_per_kpc=fit["gradient_dex_per_kpc"],
                    gradient_err=fit["gradient_err"], central_oh=fit["central_oh"],
                    central_oh_err=fit["central_oh_err"], resolved=resolved,
@@ -279,16 +289,74 @@ def measure_gradient(metallicity: xr.Dataset, *, psf: Mapping[str, float],
     return profile, summary
 
 
-def peak_centre_kpc(line_maps: xr.Dataset, *, line: str = "Halpha",
+def peak_centre_kpc(line_maps: xr.Dataset | xr.DataArray, *, line: str = "Halpha",
                     smooth_pixels: float = 1.0) -> tuple[float, float]:
-    """(x, y) in kpc of the peak of a (lightly Gaussian-smoothed) source-plane line map.
+    """(x, y) in kpc of the peak of a (lightly Gaussian-smoothed) source-plane map.
 
-    The paper's fallback centre when the H-band continuum is not detected (K20 §4.2).
+    ``line_maps`` is a Dataset of line maps (the ``line`` map is used: the paper's fallback
+    centre when the H-band continuum is not detected, K20 §4.2) or one DataArray on
+    ``(ys, xs)`` such as a de-lensed continuum map.
     """
     from scipy.ndimage import gaussian_filter
 
-    flux = line_maps["flux"].sel(line=line).transpose("ys", "xs").values
+    image = line_maps if isinstance(line_maps, xr.DataArray) else \
+        line_maps["flux"].sel(line=line)
+    flux = image.transpose("ys", "xs").values
     filled = gaussian_filter(np.nan_to_num(flux), smooth_pixels) if smooth_pixels else \
         np.nan_to_num(flux)
     iy, ix = np.unravel_index(np.argmax(filled), filled.shape)
-    return float(line_maps["xs"][ix]), float(line_maps["ys"][iy])
+    # sub-pixel peak: vertex of the parabola through the maximum and its two neighbours
+    # along each axis (a pixel of an unlensed z ~ 2 map is 1.7 kpc)
+    dy = _parabola_vertex(filled[max(iy - 1, 0):iy + 2, ix]) if 0 < iy < flux.shape[0] - 1 else 0.0
+    dx = _parabola_vertex(filled[iy, max(ix - 1, 0):ix + 2]) if 0 < ix < flux.shape[1] - 1 else 0.0
+    ys, xs = image["ys"].values, image["xs"].values
+    return (float(xs[ix] + dx * (xs[1] - xs[0])), float(ys[iy] + dy * (ys[1] - ys[0])))
+
+
+def _parabola_vertex(values: np.ndarray) -> float:
+    """Offset in [-0.5, 0.5] pixel of the vertex of the parabola through three values."""
+    left, centre, right = (float(v) for v in values)
+    curvature = left - 2 * centre + right
+    if curvature >= 0:
+        return 0.0
+    return float(np.clip(0.5 * (left - right) / curvature, -0.5, 0.5))
+
+
+#: Names of the centre choices recorded in the summary (``centre_used``; DESIGN.md).
+CENTRE_USED = ("h_continuum_peak", "halpha_peak", "user")
+
+
+def gradient_centre(source_maps: xr.Dataset, *, rule: str = "continuum",
+                    user_centre_kpc: Sequence[float] | None = None,
+                    halpha: str = "Halpha") -> tuple[tuple[float, float], str]:
+    """The centre of the annuli and which one was used (K20 §4.2).
+
+    K20 §4.2 centres on the H-band continuum peak, or on the Halpha peak where the
+    continuum is not detected, each mapped to the source plane. A user-given centre wins.
+
+    Parameters
+    ----------
+    source_maps : Dataset
+        Source-plane maps on ``(ys, xs)`` (kpc); the continuum map, when there is one, is
+        the variable ``continuum`` with ``attrs["detected"]`` true when it is detected.
+    rule : {"continuum", "halpha"}
+        ``[analysis] centre`` when it is not a sky position.
+    user_centre_kpc : (x, y), optional
+        A centre already mapped to the source plane (kpc): used as it is.
+
+    Returns
+    -------
+    ((x_kpc, y_kpc), label)
+        ``label`` is one of :data:`CENTRE_USED`.
+    """
+    if user_centre_kpc is not None:
+        return (float(user_centre_kpc[0]), float(user_centre_kpc[1])), "user"
+    if rule not in ("continuum", "halpha"):
+        raise ConfigError(f"centre: must be 'continuum', 'halpha' or a sky position, got {rule!r}")
+    continuum = source_maps.get("continuum")
+    if rule == "continuum" and continuum is not None and bool(continuum.attrs.get("detected")):
+        return peak_centre_kpc(continuum), "h_continuum_peak"
+    if "line" in source_maps.dims and halpha in source_maps["line"].values:
+        return peak_centre_kpc(source_maps, line=halpha), "halpha_peak"
+    raise ConfigError(f"centre: no detected continuum and no {halpha} map to centre the annuli "
+                      "on; give [analysis] centre = [ra_deg, dec_deg]")

@@ -54,6 +54,52 @@ def _valid_pixels(metallicity: xr.Dataset, exclude_flags: Sequence[str] | None) 
     return valid
 
 
+def gradient_pixels(metallicity: xr.Dataset, *, require_all_diagnostics: bool = True,
+                    exclude_flags: Sequence[str] | None = ("bimodal",)
+                    ) -> tuple[xr.Dataset, dict]:
+    """The metallicity map restricted to the pixels a gradient may use, and their counts.
+
+    K20 §4.2 uses the same diagnostic combination for every pixel of a galaxy: a pixel where
+    only a subset passed its SNR cut (faint outer pixels often keep R3 alone, whose posterior
+    is double-peaked) is left out when ``require_all_diagnostics`` (needs the map's
+    ``all_diagnostics``). Pixels with any of ``exclude_flags`` set are left out too
+    (default: ``bimodal`` posteriors; flags the map lacks are skipped).
+
+    Returns
+    -------
+    (Dataset, dict)
+        The map with ``oh``/``oh_lo``/``oh_hi`` NaN outside the selection, and
+        ``n_pixels_finite``, ``n_pixels_used``, ``n_pixels_incomplete_diagnostics``,
+        ``n_pixels_flagged`` ({flag: count}), ``gradient_pixel_selection`` (a sentence).
+    """
+    oh = metallicity["oh"].transpose("ys", "xs").values
+    finite = np.isfinite(oh)
+    keep = finite.copy()
+    incomplete = np.zeros_like(finite)
+    if require_all_diagnostics and "all_diagnostics" in metallicity:
+        incomplete = finite & ~metallicity["all_diagnostics"].transpose("ys", "xs").values
+        keep &= ~incomplete
+    flagged: dict[str, int] = {}
+    for flag in exclude_flags or ():
+        if flag in metallicity:
+            bad = finite & metallicity[flag].transpose("ys", "xs").values.astype(bool)
+            flagged[flag] = int(bad.sum())
+            keep &= ~bad
+    mask = xr.DataArray(keep, dims=("ys", "xs"))
+    out = metallicity.copy()
+    for name in ("oh", "oh_lo", "oh_hi"):
+        out[name] = metallicity[name].where(mask)
+    used = metallicity.attrs.get("diagnostics_used", "")
+    rule = (f"pixels with every diagnostic of the set ({used})" if require_all_diagnostics
+            else "pixels with any diagnostic")
+    if flagged:
+        rule += ", excluding " + ", ".join(flagged)
+    counts = {"n_pixels_finite": int(finite.sum()), "n_pixels_used": int(keep.sum()),
+              "n_pixels_incomplete_diagnostics": int(incomplete.sum()),
+              "n_pixels_flagged": flagged, "gradient_pixel_selection": rule}
+    return out, counts
+
+
 def pixel_errors(metallicity: xr.Dataset) -> np.ndarray:
     """Per-pixel 1 sigma of 12+log(O/H): (oh_hi - oh_lo) / 2 (16th/84th percentiles)."""
     return 0.5 * (metallicity["oh_hi"] - metallicity["oh_lo"]).transpose("ys", "xs").values
@@ -179,9 +225,9 @@ def radial_profile(metallicity: xr.Dataset, *, psf: Mapping[str, float],
             "step_fraction": float(step_fraction),
             "step_kpc": float(step_fraction * psf_linear_size_kpc(psf)),
             "shape": shape, "size": size, "method": method,
-            "axis_ratio": float(q), "pa_deg": float(pa),
+            "axis_ratio": float(q), "theta_deg": float(pa),
             "psf_fwhm_major_kpc": psf_axes(psf)[0], "psf_fwhm_minor_kpc": psf_axes(psf)[1],
-            "psf_pa_deg": psf_axes(psf)[2],
+            "psf_theta_deg": psf_axes(psf)[2],
             "n_annuli_total": len(apertures),
             "oh_err_formula": "sqrt(weighted dispersion^2 + weighted mean of pixel variances)",
             "references": "K20 §4.2",

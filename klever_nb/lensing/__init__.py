@@ -74,10 +74,13 @@ from klever_nb.lensing.maps import (
     lens_from_components,
     lens_from_parametric,
     rescale_lens,
+    sky_to_source_arcsec,
 )
 from klever_nb.lensing.psf import (
     _position_angle,
+    annulus_psf,
     fit_gaussian_ellipse,
+    maps_psf_fwhm_arcsec,
     point_images,
     source_plane_psf,
 )
@@ -109,5 +112,5 @@ __all__ = [
     "source_plane_psf", "fit_gaussian_ellipse", "magnification_halpha",
     "magnification_from_maps", "magnification_spread", "reconstruct_source_plane",
     "check_overlap", "unlensed_source_maps", "source_grid_of", "SourceGrid", "point_images",
-    "delens_reference",
+    "delens_reference", "sky_to_source_arcsec", "maps_psf_fwhm_arcsec", "annulus_psf",
 ]

@@ -222,3 +222,36 @@ def lens_from_components(components: tuple[dict, ...] | list[dict], *, pixel_sca
     model = ParametricLens(components=tuple(components))
     return lens_from_parametric(model, grid_like=((n, n), pixel_scale_arcsec, wcs),
                                 normalisation="source", z_lens=z_lens)
+
+
+def sky_to_source_arcsec(lens: xr.Dataset, ra_deg: float, dec_deg: float) -> tuple[float, float]:
+    """Source-plane position β = θ − α(θ) (arcsec, lens frame) of a sky position.
+
+    The sky position goes through the lens maps' celestial WCS (``attrs["wcs"]``) to a
+    fractional lens-grid pixel, θ is interpolated from the ``theta_x``/``theta_y``
+    coordinates and α bilinearly from the deflection maps (FACTS.md §13: β = θ − α, the
+    components along the map's +x and +y pixel axes).
+
+    Raises
+    ------
+    InputError
+        If the position falls outside the lens maps or on a NaN deflection.
+    """
+    from scipy import ndimage
+
+    grid = as_lens_grid(lens)
+    wcs = _celestial(grid.attrs.get("wcs"), "lens maps")
+    px, py = (float(v) for v in wcs.world_to_pixel_values(ra_deg, dec_deg))
+    ny, nx = grid.sizes["ly"], grid.sizes["lx"]
+    if not (0 <= px <= nx - 1 and 0 <= py <= ny - 1):
+        raise InputError(f"centre (ra, dec) = ({ra_deg}, {dec_deg}) deg lies outside the lens "
+                         "maps; give a centre inside the mapped field")
+    theta_x = float(np.interp(px, np.arange(nx), grid["theta_x"].values))
+    theta_y = float(np.interp(py, np.arange(ny), grid["theta_y"].values))
+    alpha = [float(ndimage.map_coordinates(grid[name].transpose("ly", "lx").values,
+                                           [[py], [px]], order=1)[0])
+             for name in ("alpha_x", "alpha_y")]
+    if not np.all(np.isfinite(alpha)):
+        raise InputError(f"centre (ra, dec) = ({ra_deg}, {dec_deg}) deg falls on a NaN "
+                         "deflection pixel")
+    return theta_x - alpha[0], theta_y - alpha[1]

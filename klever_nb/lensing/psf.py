@@ -142,9 +142,11 @@ def source_plane_psf(lens: xr.Dataset, *, position_arcsec: tuple[float, float],
     Returns
     -------
     dict
-        ``fwhm_major_kpc``, ``fwhm_minor_kpc``, ``pa_deg`` (east of north via the lens WCS),
-        the same axes in arcsec, ``theta_deg`` (lens frame), ``n_images``, ``images`` and
-        ``image`` (the de-lensed PSF, a DataArray).
+        ``fwhm_major_kpc``, ``fwhm_minor_kpc``, ``theta_deg`` (major axis in the source-grid
+        frame: counter-clockwise from +xs towards +ys, which is the lens frame +x/+y),
+        ``pa_deg_east_of_north`` (the same axis on the sky, via the lens WCS; FACTS.md §13),
+        the same axes in arcsec, ``n_images``, ``images`` and ``image`` (the de-lensed PSF,
+        a DataArray). Annuli (:mod:`klever_nb.gradients`) take ``theta_deg``.
 
     References
     ----------
@@ -183,7 +185,7 @@ def source_plane_psf(lens: xr.Dataset, *, position_arcsec: tuple[float, float],
     return {
         "fwhm_major_kpc": fit["fwhm_major_arcsec"] * kpc_per_arcsec,
         "fwhm_minor_kpc": fit["fwhm_minor_arcsec"] * kpc_per_arcsec,
-        "pa_deg": _position_angle(fit["theta_deg"], lens.attrs.get("wcs")),
+        "pa_deg_east_of_north": _position_angle(fit["theta_deg"], lens.attrs.get("wcs")),
         "fwhm_major_arcsec": fit["fwhm_major_arcsec"],
         "fwhm_minor_arcsec": fit["fwhm_minor_arcsec"],
         "theta_deg": fit["theta_deg"],
@@ -192,3 +194,42 @@ def source_plane_psf(lens: xr.Dataset, *, position_arcsec: tuple[float, float],
         "image": image,
         "image_pixel_arcsec": p,
     }
+
+
+def annulus_psf(summary: dict) -> dict[str, float]:
+    """The source-PSF dict the annuli take, from a lensing summary (the one place it is built).
+
+    ``summary`` holds ``source_psf_fwhm_kpc`` ([major, minor]) and ``source_psf_theta_deg``
+    (source-grid frame, from +xs towards +ys), as returned by
+    :func:`klever_nb.lensing.reconstruct_source_plane` and
+    :func:`klever_nb.lensing.unlensed_source_maps`.
+
+    Returns
+    -------
+    dict
+        ``{"fwhm_major_kpc", "fwhm_minor_kpc", "theta_deg"}`` for
+        :func:`klever_nb.gradients.measure_gradient` and friends.
+    """
+    try:
+        major, minor = (float(v) for v in summary["source_psf_fwhm_kpc"])
+        theta = float(summary["source_psf_theta_deg"])
+    except (KeyError, TypeError, ValueError):
+        raise InputError("lensing summary: needs 'source_psf_fwhm_kpc' [major, minor] and "
+                         "'source_psf_theta_deg' (rerun the source-plane stage)") from None
+    return {"fwhm_major_kpc": major, "fwhm_minor_kpc": minor, "theta_deg": theta}
+
+
+def maps_psf_fwhm_arcsec(seeing_fwhm_arcsec: float, maps: xr.Dataset | None = None, *,
+                         smooth_fwhm_arcsec: float | None = None) -> float:
+    """FWHM of the PSF that fitted line maps actually have: seeing ⊕ spatial smoothing.
+
+    Both are Gaussian, so the FWHMs add in quadrature. The smoothing is
+    ``smooth_fwhm_arcsec`` or else ``maps.attrs["smooth_fwhm_arcsec"]`` (written by
+    :func:`klever_nb.fitting.fit_galaxy`; K20 §3.1 smooths by 0.4"). The source-plane PSF
+    that shapes the annuli and decides "resolved" (K20 §4.2) must be this one, not the
+    seeing alone: with 0.55" seeing and 0.4" smoothing it is 0.68", 24 % larger.
+    """
+    if smooth_fwhm_arcsec is None:
+        smooth_fwhm_arcsec = float(maps.attrs.get("smooth_fwhm_arcsec", 0.0)) \
+            if maps is not None else 0.0
+    return float(np.hypot(float(seeing_fwhm_arcsec), float(smooth_fwhm_arcsec)))

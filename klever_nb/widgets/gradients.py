@@ -50,7 +50,7 @@ class GradientExplorer(ExplorerBase):
     metallicity : xarray.Dataset
         Source-plane metallicity map (``oh``, ``oh_lo``, ``oh_hi`` on ``(ys, xs)`` in kpc).
     psf : dict
-        Source-plane PSF ``{"fwhm_major_kpc", "fwhm_minor_kpc", "pa_deg"}``.
+        Source-plane PSF ``{"fwhm_major_kpc", "fwhm_minor_kpc", "theta_deg"}``.
     centre_kpc : (x, y)
         Initial centre (default the origin, the galaxy centre of the lensing stage).
     forward : dict or callable, optional

@@ -428,7 +428,8 @@ class LensExplorer(ExplorerBase):
                 if np.isfinite(spread) else "")),
             ("source PSF FWHM (major × minor)",
              f"{fmt(psf['fwhm_major_kpc'], '.2f')} × {fmt(psf['fwhm_minor_kpc'], '.2f')} kpc, "
-             f"PA {fmt(psf['pa_deg'], '.0f')}°"),
+             f"PA {fmt(psf['pa_deg_east_of_north'], '.0f')}° E of N "
+             f"(θ {fmt(psf['theta_deg'], '.0f')}° on the source grid)"),
         ]
         srow, scol = self.selected_source_pixel
         if srow >= 0:
