@@ -71,6 +71,7 @@ def test_defaults_are_the_papers():
     assert settings.smooth_fwhm_arcsec == 0.4  # K20 §3.1
     assert settings.fibre_radius_arcsec == 0.6  # K20 §3.1
     assert (settings.snr_strong, settings.snr_weak) == (5.0, 2.5)  # K20 §4.2
+    assert settings.method == "default" and not settings.exclude_agn_pixels  # K20 §3.4
 
 
 def test_unlensed_galaxy_has_no_lens(tmp_path):
@@ -94,6 +95,9 @@ def test_unlensed_galaxy_has_no_lens(tmp_path):
         (lambda t: t.replace("fwhm_arcsec = 0.55", "fwhm_arcsec = -1"), "psf.fwhm_arcsec"),
         (lambda t: t.replace('centre = [177.39, 22.40]', 'centre = "middle"'), "analysis.centre"),
         (lambda t: t.replace("[cubes]", "[cubes\n"), "TOML syntax error"),
+        (lambda t: t.replace("smooth_fwhm_arcsec = 0.4", 'method = "paper"'), "analysis.method"),
+        (lambda t: t.replace("smooth_fwhm_arcsec = 0.4", 'exclude_agn_pixels = "yes"'),
+         "analysis.exclude_agn_pixels"),
         (lambda t: t.replace('deflection_y = "lens/dy.fits"\n', ""), "lens.deflection_y"),
     ],
 )
