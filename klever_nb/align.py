@@ -31,6 +31,8 @@ from klever_nb.errors import InputError
 
 #: Continuum counts as detected when its smoothed peak exceeds this many robust sigmas.
 CONTINUUM_DETECTION_SIGMA = 5.0
+#: Largest cross-correlation refinement (pixels) after the WCS placement.
+REFINE_MAX_SHIFT_PIX = 3.0
 
 
 def _robust_sigma(values: np.ndarray) -> float:
@@ -179,9 +181,14 @@ def cross_correlation_shift(reference: np.ndarray, image: np.ndarray, *,
     return float(shift[0]), float(shift[1])
 
 
-def band_offsets(maps_by_band: dict[str, xr.Dataset], *, reference_band: str | None = None
+def band_offsets(maps_by_band: dict[str, xr.Dataset], *, reference_band: str | None = None,
+                 wcs_by_band: dict[str, str | None] | None = None
                  ) -> dict[str, tuple[float, float]]:
     """Shifts (dy, dx) in pixels that register every band onto the reference band.
+
+    The ``total`` of :func:`register_bands`: WCS placement (when ``wcs_by_band`` is
+    given) plus the cross-correlation refinement of the bands' features (continuum or
+    brightest line, :func:`band_position`).
 
     Parameters
     ----------
@@ -190,34 +197,132 @@ def band_offsets(maps_by_band: dict[str, xr.Dataset], *, reference_band: str | N
     reference_band : str, optional
         Band that stays in place (default: the band whose alignment feature is the
         most significant).
+    wcs_by_band : dict, optional
+        Band -> ``attrs["wcs"]`` of its cube; without it the bands are placed by
+        pixel index and only the refinement (±3 pixels) aligns them.
 
     Returns
     -------
     dict
         Band -> (dy, dx): move that band's maps by this many pixels
-        (:func:`apply_offsets`). The reference band gets (0, 0). The feature of each
-        band (continuum or brightest line) comes from :func:`band_position`; the offset
-        is :func:`cross_correlation_shift` of the features.
+        (:func:`apply_offsets`). The reference band gets (0, 0).
 
     References
     ----------
     K20 §3.1.
     """
+    return register_bands(maps_by_band, wcs_by_band=wcs_by_band,
+                          reference_band=reference_band)["total"]
+
+
+def _celestial_wcs(header: str | None, band: str):
+    """astropy celestial WCS of ``attrs["wcs"]``, or None (with a warning naming the band)."""
+    from astropy.io import fits
+    from astropy.wcs import WCS, FITSFixedWarning
+
+    if not header:
+        warnings.warn(f"band {band!r}: no attrs['wcs']; placed by pixel index only",
+                      RuntimeWarning, stacklevel=3)
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FITSFixedWarning)
+            wcs = WCS(fits.Header.fromstring(header)).celestial
+    except (ValueError, KeyError, TypeError) as err:
+        warnings.warn(f"band {band!r}: attrs['wcs'] is not a readable celestial WCS ({err}); "
+                      "placed by pixel index only", RuntimeWarning, stacklevel=3)
+        return None
+    if not wcs.has_celestial or wcs.naxis != 2:
+        warnings.warn(f"band {band!r}: attrs['wcs'] has no celestial axes; placed by pixel "
+                      "index only", RuntimeWarning, stacklevel=3)
+        return None
+    return wcs
+
+
+def wcs_offsets(wcs_by_band: dict[str, str | None], *, reference_band: str,
+                shape: tuple[int, int]) -> dict[str, tuple[float, float]]:
+    """Shifts (dy, dx) in pixels that put each band on the reference band's pixel grid by WCS.
+
+    The sky position at the centre of the reference grid (``shape``) falls on pixel
+    ``p_band`` of a band (its own celestial WCS) and on ``p_ref`` of the reference;
+    the band moves by ``p_ref - p_band`` (integer plus fractional part; pointings of
+    separate OBs can differ by many spaxels). Bands without a readable WCS get
+    (0, 0) and a warning. Rotation and scale differences between bands are not
+    corrected (KMOS/SINFONI bands share the spaxel grid orientation).
+
+    Parameters
+    ----------
+    wcs_by_band : dict
+        Band -> ``attrs["wcs"]`` header string of its cube.
+    reference_band : str
+        The band whose grid is the common grid.
+    shape : (ny, nx)
+        Shape of the reference grid.
+    """
+    ref = _celestial_wcs(wcs_by_band.get(reference_band), reference_band)
+    out = {band: (0.0, 0.0) for band in wcs_by_band}
+    if ref is None:
+        return out
+    p_ref = (0.5 * (shape[1] - 1), 0.5 * (shape[0] - 1))  # (x, y), 0-based
+    sky = ref.pixel_to_world(*p_ref)
+    for band, header in wcs_by_band.items():
+        if band == reference_band:
+            continue
+        wcs = _celestial_wcs(header, band)
+        if wcs is None:
+            continue
+        px, py = wcs.world_to_pixel(sky)
+        out[band] = (float(p_ref[1] - py), float(p_ref[0] - px))
+    return out
+
+
+def register_bands(maps_by_band: dict[str, xr.Dataset], *,
+                   wcs_by_band: dict[str, str | None] | None = None,
+                   reference_band: str | None = None,
+                   max_refine_pix: float = REFINE_MAX_SHIFT_PIX) -> dict:
+    """Place every band on the reference grid by WCS, then refine by cross-correlation.
+
+    1. :func:`wcs_offsets` from each band's celestial WCS (when given);
+    2. the bands' feature images (:func:`band_position`), moved by that offset, are
+       cross-correlated with the reference's (:func:`cross_correlation_shift`,
+       within ``max_refine_pix``);
+    3. total shift = WCS offset + refinement, applied once (:func:`apply_offsets`).
+
+    Returns
+    -------
+    dict with ``reference`` (band), ``wcs`` / ``refinement`` / ``total`` (band ->
+    (dy, dx) pixels) and ``methods`` (band -> alignment feature).
+
+    References
+    ----------
+    K20 §3.1 (bands realigned on the continuum or brightest-line peak).
+    """
     if not maps_by_band:
-        return {}
+        return {"reference": None, "wcs": {}, "refinement": {}, "total": {}, "methods": {}}
     positions = {band: band_position(ds) for band, ds in maps_by_band.items()}
     if reference_band is None:
         reference_band = max(positions, key=lambda b: positions[b]["significance"])
     elif reference_band not in positions:
         raise InputError(f"reference_band={reference_band!r} is not one of {list(positions)}")
-    ref_image = _feature_image(maps_by_band[reference_band], positions[reference_band])
-    offsets = {}
+    ref_maps = maps_by_band[reference_band]
+    shape = (ref_maps.sizes["y"], ref_maps.sizes["x"])
+    if wcs_by_band:
+        wcs = wcs_offsets({b: wcs_by_band.get(b) for b in maps_by_band},
+                          reference_band=reference_band, shape=shape)
+    else:
+        wcs = {b: (0.0, 0.0) for b in maps_by_band}
+    ref_image = _feature_image(ref_maps, positions[reference_band])
+    refine, total = {}, {}
     for band, ds in maps_by_band.items():
         if band == reference_band:
-            offsets[band] = (0.0, 0.0)
+            refine[band] = total[band] = (0.0, 0.0)
             continue
-        offsets[band] = cross_correlation_shift(ref_image, _feature_image(ds, positions[band]))
-    return offsets
+        placed = _shift_float(np.asarray(_feature_image(ds, positions[band]), dtype=float),
+                              wcs[band], (0, 1))
+        refine[band] = cross_correlation_shift(ref_image, placed, max_shift_pix=max_refine_pix)
+        total[band] = (wcs[band][0] + refine[band][0], wcs[band][1] + refine[band][1])
+    return {"reference": reference_band, "wcs": wcs, "refinement": refine, "total": total,
+            "methods": {b: p["method"] for b, p in positions.items()}}
 
 
 def _shift_float(values: np.ndarray, shift_yx, spatial_axes) -> np.ndarray:

@@ -234,10 +234,11 @@ def _fit_stage(tree: xr.DataTree, cfg: GalaxyConfig) -> xr.Dataset:
     from klever_nb import fitting
 
     s = cfg.analysis
+    settings = fitting.FitSettings(detection_snr=s.detection_snr,
+                                   sky_min_relative_amplitude=s.sky_min_relative_amplitude)
     options = {"redshift": cfg.redshift, "fibre_radius_arcsec": s.fibre_radius_arcsec,
                "lines": s.lines if s.lines is not None else constants.PAPER_LINES,
-               "detection_snr": s.detection_snr,
-               "sky_min_relative_amplitude": s.sky_min_relative_amplitude}
+               "settings": settings}
     maps, integrated = fitting.fit_galaxy(tree, smooth_fwhm_arcsec=s.smooth_fwhm_arcsec,
                                           **options)
     for name in ("flux", "flux_err", "snr", "detected", "upper_limit", "velocity", "sigma"):
@@ -622,12 +623,22 @@ def _two_d_statistics(metal: xr.Dataset, info: dict, psf: dict,
 def fit_single_cube(cube_path: str | Path, *, redshift: float, out_dir: str | Path,
                     lines: tuple[str, ...] | None = None, noise_kind: str | None = None,
                     wavelength_medium: str | None = None, resolving_power: float | None = None,
-                    smooth_fwhm_arcsec: float = 0.0, ifu: int | None = None) -> Path:
+                    smooth_fwhm_arcsec: float = 0.0, ifu: int | None = None,
+                    settings=None,
+                    fibre_radius_arcsec: float = constants.FIBRE_RADIUS_ARCSEC) -> Path:
     """Fit the emission lines of any one IFU cube; write ``OUT/<stem>/line_maps.nc`` + summary.
+
+    The band goes through :func:`klever_nb.fitting.fit_band`, the same function
+    ``klever-nb run`` uses for every band after refining the redshift: the same cube,
+    ``redshift`` (give ``run``'s refined one), lines, smoothing and ``settings``
+    (:class:`klever_nb.fitting.FitSettings`; ``resolving_power`` overrides its R)
+    give the same maps, before ``run``'s band registration shift.
 
     Returns the product folder.
     """
-    from klever_nb import fitting, spectra
+    import dataclasses
+
+    from klever_nb import fitting
     from klever_nb.errors import ConfigError
 
     if not np.isfinite(redshift) or redshift < 0:
@@ -637,6 +648,9 @@ def fit_single_cube(cube_path: str | Path, *, redshift: float, out_dir: str | Pa
         if unknown:
             raise ConfigError(f"--lines: unknown line {unknown[0]!r}; known: "
                               f"{', '.join(constants.LINES)}")
+    settings = settings if settings is not None else fitting.FitSettings()
+    if resolving_power is not None:
+        settings = dataclasses.replace(settings, resolving_power=float(resolving_power))
     cube_path = Path(cube_path)
     cube = open_cube(cube_path, noise_kind=noise_kind, wavelength_medium=wavelength_medium,
                      ifu=ifu)
@@ -646,13 +660,9 @@ def fit_single_cube(cube_path: str | Path, *, redshift: float, out_dir: str | Pa
     if not in_cube:
         raise InputError(f"{cube_path}: no line of {'--lines' if lines else 'the catalogue'} "
                          f"falls inside {wave.min():.4f}-{wave.max():.4f} um at z = {redshift}")
-    if smooth_fwhm_arcsec > 0:
-        cube = spectra.smooth_cube(cube, fwhm_arcsec=smooth_fwhm_arcsec)
-    maps = fitting.fit_cube(cube, redshift=redshift, lines=in_cube,
-                            resolving_power=resolving_power)
-    spectrum = spectra.pseudo_fibre_spectrum(cube, redshift=redshift, lines=in_cube)
-    integrated = fitting.fit_spectrum(spectrum, redshift=redshift, lines=in_cube,
-                                      resolving_power=resolving_power)
+    maps, integrated = fitting.fit_band(cube, redshift=redshift, settings=settings,
+                                        lines=in_cube, smooth_fwhm_arcsec=smooth_fwhm_arcsec,
+                                        fibre_radius_arcsec=fibre_radius_arcsec)
     for name in ("flux", "flux_err", "snr", "detected", "upper_limit"):
         if name in integrated:
             maps[f"integrated_{name}"] = integrated[name]
@@ -675,7 +685,10 @@ def fit_single_cube(cube_path: str | Path, *, redshift: float, out_dir: str | Pa
         "settings": {"noise_kind": noise_kind, "wavelength_medium": wavelength_medium,
                      "resolving_power": resolving_power if resolving_power is not None
                      else cube.attrs.get("resolving_power"),
-                     "smooth_fwhm_arcsec": smooth_fwhm_arcsec, "ifu": ifu},
+                     "smooth_fwhm_arcsec": smooth_fwhm_arcsec, "ifu": ifu,
+                     "fibre_radius_arcsec": fibre_radius_arcsec,
+                     "fit": {k: (list(v) if isinstance(v, tuple) else v)
+                             for k, v in settings.describe().items()}},
         "cube_attrs": {k: v for k, v in cube.attrs.items() if k != "wcs"},
         "versions": _versions(),
     }

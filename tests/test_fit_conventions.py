@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from klever_nb.constants import C_KMS
-from klever_nb.fitting import fit_cube
+from klever_nb.fitting import FitSettings, fit_cube
 from klever_nb.io import open_cube
 from tests.test_io_cubes import (
     CONVENTIONS,
@@ -26,14 +26,15 @@ from tests.test_io_cubes import (
 
 TARGET = "1e-20 erg / (s cm2)"
 SIGMA_KMS_TRUE = 80.0  # observed (total) line width of the model cube
+#: R known and equal for all conventions; no sky mask (the cubes have no OH lines).
+SETTINGS = FitSettings(resolving_power=1e6, mask_sky=False)
 
 
 def _fit(tmp_path, writer):
     path, kwargs = writer(tmp_path)
     cube = open_cube(path, **kwargs)
     # R known and equal for all: the instrumental width is then removed identically.
-    maps = fit_cube(cube, redshift=REDSHIFT, lines=("Halpha",), resolving_power=1e6,
-                    mask_sky=False)
+    maps = fit_cube(cube, redshift=REDSHIFT, lines=("Halpha",), settings=SETTINGS)
     factor = per_spaxel_factor(maps["flux"].attrs["units"], TARGET)
     line = maps.sel(line="Halpha")
     covered = cube["wave"].values.max() > LINE_UM * (1 + 5 * SIGMA_KMS_TRUE / C_KMS)
@@ -82,7 +83,7 @@ def test_air_cube_read_as_vacuum_is_off_by_80_kms(tmp_path):
         wrong = open_cube(path, **{**kwargs, "wavelength_medium": "vacuum"})
     right = open_cube(path, **kwargs)
     v_wrong, v_right = (float(fit_cube(c, redshift=REDSHIFT, lines=("Halpha",),
-                                       resolving_power=1e6, mask_sky=False)
+                                       settings=SETTINGS)
                               ["velocity"].sel(line="Halpha", y=2, x=2)) for c in (wrong, right))
     assert abs(v_right) < 2.0
     assert 70.0 < abs(v_wrong - v_right) < 95.0

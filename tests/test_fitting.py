@@ -14,12 +14,14 @@ from scipy.stats import norm
 
 from klever_nb import constants, fitting
 from klever_nb.errors import ConfigError, InputError
+from klever_nb.fitting import FitSettings
 
 C = constants.C_KMS
 K_WAVE = np.linspace(1.92, 2.46, 2048)  # KMOS K grid (FACTS.md §8)
 R_K = 4227.0
 Z = 2.2
 UNITS = "1e-20 erg/(s cm2 Angstrom)"
+NO_SKY = FitSettings(mask_sky=False)
 
 
 def line_spectrum(wave_um, fluxes: dict, *, z, v, sigma, r=R_K, continuum=(1.0, 0.0)):
@@ -78,7 +80,7 @@ def halpha_fit():
     noise = np.full_like(clean, 1.0)
     flux = clean + rng.standard_normal(clean.shape) * noise
     cube = make_cube(flux, noise, shape=(20, 40))
-    ds = fitting.fit_cube(cube, redshift=Z, mask_sky=False)
+    ds = fitting.fit_cube(cube, redshift=Z, settings=NO_SKY)
     return {"truth": truth, "v": v, "sigma": sig, "cube": cube, "ds": ds}
 
 
@@ -90,9 +92,9 @@ def _flat(da):
 # The model itself
 # ---------------------------------------------------------------------------
 def test_gaussian_pixel_integral_is_exact():
-    settings = fitting.FitSettings()
+    settings = fitting.FitSettings(fixed_ratios=(), bounded_ratios=())
     model = fitting.build_band_model(K_WAVE, redshift=Z, lines=("Halpha",), resolving_power=R_K,
-                                     fixed_ratios=(), bounded_ratios=(), settings=settings)
+                                     settings=settings)
     theta = np.array([[37.0, 55.0]])
     mu, s, _, _ = fitting._kinematics(model, theta)
     prof, _, _ = fitting._profiles(model, mu, s, False)
@@ -112,8 +114,7 @@ def test_gaussian_pixel_integral_is_exact():
 def test_compiled_and_numpy_gram_agree():
     settings = fitting.FitSettings()
     model = fitting.build_band_model(K_WAVE, redshift=Z, lines=None, resolving_power=R_K,
-                                     fixed_ratios=constants.FIXED_RATIOS,
-                                     bounded_ratios=constants.BOUNDED_RATIOS, settings=settings)
+                                     settings=settings)
     rng = np.random.default_rng(0)
     theta = np.column_stack([rng.uniform(-300, 300, 30), rng.uniform(10, 300, 30)])
     mu, s, _, _ = fitting._kinematics(model, theta)
@@ -266,7 +267,8 @@ def test_oiii_ratio_is_a_parameter():
     cube = make_cube(flux, np.ones_like(flux), wave=wave, r=4045.0)
     for ratio in (2.98, 3.0):
         fixed = (constants.FixedRatio("OIII_4959", "OIII_5007", ratio, "test"),)
-        ds = fitting.fit_cube(cube, redshift=Z, fixed_ratios=fixed, mask_sky=False)
+        ds = fitting.fit_cube(cube, redshift=Z, settings=FitSettings(fixed_ratios=fixed,
+                                                                    mask_sky=False))
         r = _flat(ds.flux.sel(line="OIII_5007")) / _flat(ds.flux.sel(line="OIII_4959"))
         assert np.max(np.abs(r / ratio - 1)) < 1e-10
 
@@ -280,7 +282,7 @@ def test_sii_ratio_respects_its_bounds():
     clean = line_spectrum(K_WAVE, truth, z=Z, v=np.zeros(n), sigma=np.full(n, 50.0))
     flux = clean + 0.3 * rng.standard_normal(clean.shape)
     cube = make_cube(flux, np.full_like(flux, 0.3))
-    ds = fitting.fit_cube(cube, redshift=Z, mask_sky=False)
+    ds = fitting.fit_cube(cube, redshift=Z, settings=NO_SKY)
     r = _flat(ds.flux.sel(line="SII_6717")) / _flat(ds.flux.sel(line="SII_6731"))
     assert np.all((r >= 0.4 - 1e-12) & (r <= 1.45 + 1e-12))
     np.testing.assert_allclose(r[:20], 1.45, rtol=1e-10)   # clipped to the upper bound
@@ -335,7 +337,8 @@ def test_line_on_an_oh_line_reports_masked_channels():
     ha = ds.sel(line="Halpha")
     assert np.all(ha.n_sky_masked > 0)
     assert ha.fit_ok.all()  # partly masked: fitted from the unmasked wings
-    unmasked = fitting.fit_cube(make_cube(flux, np.ones_like(flux)), redshift=z, mask_sky=False)
+    unmasked = fitting.fit_cube(make_cube(flux, np.ones_like(flux)), redshift=z,
+                                settings=NO_SKY)
     assert np.all(unmasked.sel(line="Halpha").n_sky_masked == 0)
 
 
@@ -399,7 +402,7 @@ def test_flux_in_micron_units_is_integrated_in_micron():
     noise = np.full_like(flux, 0.01)
     cube = make_cube(flux * 1e4, noise * 1e4)  # the same spectrum per micron
     cube.flux.attrs["units"] = "erg / (s cm2 um)"
-    ds = fitting.fit_cube(cube, redshift=Z, mask_sky=False)
+    ds = fitting.fit_cube(cube, redshift=Z, settings=NO_SKY)
     assert ds.flux.attrs["units"] == "erg / (cm2 s)" or ds.flux.attrs["units"] == "erg / (s cm2)"
     np.testing.assert_allclose(_flat(ds.flux.sel(line="Halpha")), 300.0, rtol=1e-3)
 
@@ -411,7 +414,7 @@ def test_unknown_resolving_power_fits_the_observed_sigma():
         (10, 2048))
     cube = make_cube(flux, np.full_like(flux, 0.2))
     cube.attrs["resolving_power"] = np.nan
-    ds = fitting.fit_cube(cube, redshift=Z, mask_sky=False)
+    ds = fitting.fit_cube(cube, redshift=Z, settings=NO_SKY)
     assert ds.attrs["sigma_is_observed"] == 1
     observed = np.hypot(80.0, C / (R_K * 2.354820045))
     assert np.median(_flat(ds.sigma.sel(line="Halpha"))) == pytest.approx(observed, rel=0.02)
@@ -445,7 +448,7 @@ def test_bad_settings_raise_config_errors():
     with pytest.raises(ConfigError, match="unknown"):
         fitting.fit_cube(cube, redshift=Z, lines=("Hzeta",))
     with pytest.raises(ConfigError, match="sigma_range"):
-        fitting.fit_cube(cube, redshift=Z, sigma_range_kms=(100, 10))
+        fitting.fit_cube(cube, redshift=Z, settings=FitSettings(sigma_range_kms=(100, 10)))
     with pytest.raises(InputError):
         fitting.fit_cube(cube.drop_vars("noise"), redshift=Z)
 
@@ -454,8 +457,8 @@ def test_monte_carlo_errors_agree_with_covariance():
     rng = np.random.default_rng(15)
     truth, v, sig = halpha_set(30, rng, ha=(150, 300))
     flux = line_spectrum(K_WAVE, truth, z=Z, v=v, sigma=sig) + rng.standard_normal((30, 2048))
-    ds = fitting.fit_cube(make_cube(flux, np.ones_like(flux)), redshift=Z, mask_sky=False,
-                          monte_carlo=40, seed=1)
+    ds = fitting.fit_cube(make_cube(flux, np.ones_like(flux)), redshift=Z,
+                          settings=FitSettings(mask_sky=False, monte_carlo=40, seed=1))
     ratio = _flat(ds.flux_err_mc.sel(line="Halpha")) / _flat(ds.flux_err.sel(line="Halpha"))
     assert 0.85 < np.median(ratio) < 1.15
 
@@ -465,7 +468,7 @@ def test_model_cube_is_returned_on_request():
     truth, v, sig = halpha_set(3, rng)
     clean = line_spectrum(K_WAVE, truth, z=Z, v=v, sigma=sig, continuum=(1.0, 0.0))
     ds = fitting.fit_cube(make_cube(clean, np.full_like(clean, 0.01)), redshift=Z,
-                          return_model=True, mask_sky=False)
+                          return_model=True, settings=NO_SKY)
     model = ds.model.values[:, 0, :].T
     fitted = np.isfinite(model)
     assert fitted.sum() > 100
@@ -479,13 +482,13 @@ def test_fit_spectrum_and_refined_redshift():
     spectrum = xr.Dataset({"flux": ("wave", spec, {"units": UNITS}),
                            "noise": ("wave", np.full(2048, 0.05))}, coords={"wave": K_WAVE},
                           attrs={"resolving_power": R_K, "band": "K"})
-    fit = fitting.fit_spectrum(spectrum, redshift=Z, mask_sky=False)
+    fit = fitting.fit_spectrum(spectrum, redshift=Z, settings=NO_SKY)
     assert fit.flux.dims == ("line",)
     assert float(fit.velocity.sel(line="Halpha")) == pytest.approx(120.0, abs=0.5)
     z_new = fitting.refine_redshift(fit, redshift=Z)
     assert z_new == pytest.approx((1 + Z) * (1 + float(fit.velocity.sel(line="Halpha")) / C) - 1,
                                   rel=1e-14)
-    again = fitting.fit_spectrum(spectrum, redshift=z_new, mask_sky=False)
+    again = fitting.fit_spectrum(spectrum, redshift=z_new, settings=NO_SKY)
     assert abs(float(again.velocity.sel(line="Halpha"))) < 0.5
 
 

@@ -7,14 +7,14 @@ integrated flux F. Lines of one kinematic group (``constants.LINES[name].group``
 share a velocity v (km/s relative to ``redshift``) and an intrinsic dispersion σ
 (km/s); the observed width is
 
-    σ_λ² = (λ₀ σ / c)² + (λ₀ / (2.3548 R))²,   centre μ = λ₀ (1 + v / c),
+    σ_λ² = (λ₀ σ / c)² + (λ₀ / (FWHM_PER_SIGMA R))²,   FWHM_PER_SIGMA = 2√(2 ln 2),   centre μ = λ₀ (1 + v / c),
 
 with λ₀ = λ_rest (1 + z) and R the band's resolving power (when R is unknown the
 fitted σ is the observed σ, and ``attrs["sigma_is_observed"]`` says so). A linear
 continuum is fitted in each *segment*: the union of the line windows
 λ₀ (1 ± (|v|_max + 4 σ_max,tot)/c), merged where they overlap. Channels with NaN
 flux or noise, non-positive noise, or at a bright OH line
-(:func:`klever_nb.sky.sky_mask`) get zero weight; the rest inverse-variance weight.
+(:func:`fit_sky_mask`, the mask the line-fit widget shows too) get zero weight; the rest inverse-variance weight.
 
 Constraints act on integrated fluxes: fixed ratios (``weak = strong / ratio``) are
 folded into the design matrix; bounded ratios ``lo <= F_num / F_den <= hi`` are
@@ -35,7 +35,7 @@ written plainly, optimised per spectrum with :func:`scipy.optimize.least_squares
 
 Look-elsewhere guard: a free (v, σ) search over ±500 km/s finds >3σ noise peaks in
 several per cent of line-free spaxels. When no line of a group reaches
-``kinematics_snr`` (default 5) the group's kinematics are not trusted: its fluxes
+``FitSettings.kinematics_snr`` (default 5) the group's kinematics are not trusted: its fluxes
 are re-measured with (v, σ) fixed to those of the neighbouring spaxels where the
 group is strong (Gaussian-weighted, σ = 1.5 spaxels), else to ``fallback_kinematics``
 (default: the median over strong spaxels, else v = 0 and σ = 60 km/s);
@@ -70,7 +70,7 @@ from __future__ import annotations
 
 from klever_nb.fitting import kernel
 from klever_nb.fitting.cube import continuum_image, fit_cube, fit_spectrum
-from klever_nb.fitting.galaxy import fit_galaxy, refine_redshift
+from klever_nb.fitting.galaxy import fit_band, fit_galaxy, refine_redshift
 from klever_nb.fitting.kernel import _extended_gram as _extended_gram
 from klever_nb.fitting.kernel import _gram_numpy as _gram_numpy
 from klever_nb.fitting.kernel import _jacobian_products as _jacobian_products
@@ -84,6 +84,7 @@ from klever_nb.fitting.model import (
     BandModel,
     FitSettings,
     build_band_model,
+    fit_sky_mask,
     integrated_flux_units,
 )
 from klever_nb.fitting.model import _kinematics as _kinematics
@@ -92,6 +93,7 @@ from klever_nb.fitting.reference import fit_spectrum_reference
 
 __all__ = [
     "C_KMS", "FWHM_PER_SIGMA", "BandModel", "FitSettings", "base_gram", "build_band_model",
-    "continuum_image", "fit_cube", "fit_galaxy", "fit_spectrum", "fit_spectrum_reference",
+    "continuum_image", "fit_band", "fit_cube", "fit_galaxy", "fit_sky_mask", "fit_spectrum",
+    "fit_spectrum_reference",
     "integrated_flux_units", "kernel", "refine_redshift",
 ]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
-from klever_nb import constants, sky
+from klever_nb import constants
 from klever_nb.errors import ConfigError, InputError
 from klever_nb.fitting.kernel import (
     _covariance,
@@ -33,9 +33,9 @@ from klever_nb.fitting.model import (
     _kinematics,
     _profiles,
     _resolving_power,
-    _settings,
-    _sky_resolving_power,
+    as_settings,
     build_band_model,
+    fit_sky_mask,
     integrated_flux_units,
 )
 
@@ -173,14 +173,8 @@ _PER_LINE = ("flux", "flux_err", "velocity", "velocity_err", "sigma", "sigma_err
              "pair_sum_err")
 
 
-def fit_cube(cube: xr.Dataset, *, redshift: float, lines=None, resolving_power=None,
-             fixed_ratios=constants.FIXED_RATIOS, bounded_ratios=constants.BOUNDED_RATIOS,
-             mask_sky: bool = True,
-             sky_min_relative_amplitude: float = sky.MASK_MIN_RELATIVE_AMPLITUDE,
-             detection_snr: float = constants.DETECTION_SNR, kinematics_snr: float = 5.0,
-             fallback_kinematics: dict | None = None,
-             velocity_range_kms=(-500.0, 500.0), sigma_range_kms=(5.0, 400.0),
-             monte_carlo: int = 0, seed: int = 0, return_model: bool = False,
+def fit_cube(cube: xr.Dataset, *, redshift: float, settings: FitSettings | None = None,
+             lines=None, fallback_kinematics: dict | None = None, return_model: bool = False,
              chunk_size: int = 2048) -> xr.Dataset:
     """Fit the emission lines of every spaxel of one band's cube at once.
 
@@ -191,33 +185,22 @@ def fit_cube(cube: xr.Dataset, *, redshift: float, lines=None, resolving_power=N
         Any IFU and any redshift ≥ 0; only the lines inside the band are fitted.
     redshift : float
         Systemic redshift; velocities are relative to it.
+    settings : FitSettings, optional
+        Every fit option (R override, ratio constraints, sky mask, SNR thresholds,
+        bounds, Monte Carlo); default ``FitSettings()``. The Monte-Carlo refits
+        (``settings.monte_carlo > 0`` -> ``flux_err_mc``) use these same settings and
+        the same fallback kinematics as the main fit.
     lines : sequence of str, optional
         Catalogue names (default: every catalogue line inside the band). Requested
         lines outside the band come back as NaN with ``fit_ok = False``.
-    resolving_power : float, optional
-        R = λ/FWHM (default ``cube.attrs["resolving_power"]``); when unknown the
-        fitted σ is the observed one (``attrs["sigma_is_observed"] = 1``).
-    fixed_ratios, bounded_ratios
-        Flux-ratio constraints (defaults: ``constants.FIXED_RATIOS`` / ``BOUNDED_RATIOS``).
-    mask_sky, sky_min_relative_amplitude
-        Mask channels at OH lines brighter than this fraction of the band's brightest.
-    detection_snr : float
-        ``detected = snr > detection_snr``; otherwise ``upper_limit`` = 3 ``flux_err``.
-    kinematics_snr : float
-        A group whose best line is below this SNR gets fixed kinematics: those of its
-        strong neighbours, else ``fallback_kinematics`` (module docstring).
     fallback_kinematics : dict, optional
-        ``{group: (v_kms, sigma_kms)}`` (default: median of the strong spaxels, else
-        v = 0 and σ = 60 km/s). :func:`fit_galaxy` passes the integrated fit's.
-    velocity_range_kms, sigma_range_kms
-        Bounds on v and on intrinsic σ.
-    monte_carlo : int
-        If > 0, also ``flux_err_mc``: the scatter of that many refits of the best
-        model plus noise.
+        ``{group: (v_kms, sigma_kms)}`` for groups below ``settings.kinematics_snr``
+        without strong neighbours (default: median of the strong spaxels, else
+        v = 0 and σ = ``sigma_start_kms``). :func:`fit_band` passes the integrated fit's.
     return_model : bool
         Add ``model`` (best-fit lines + continuum on the fitted channels, NaN elsewhere).
     chunk_size : int
-        Spaxels per batch (bounds the memory).
+        Spaxels per batch (bounds the memory; does not change the numbers).
 
     Returns
     -------
@@ -251,8 +234,8 @@ def fit_cube(cube: xr.Dataset, *, redshift: float, lines=None, resolving_power=N
     if not (np.isfinite(redshift) and redshift >= 0):
         raise ConfigError(f"redshift={redshift!r}: must be a finite number >= 0")
     lines = _check_lines(lines)
-    settings = _settings(velocity_range_kms, sigma_range_kms, detection_snr, kinematics_snr)
-    r_fit = _resolving_power(cube, resolving_power)
+    settings = as_settings(settings)
+    r_fit = _resolving_power(cube, settings.resolving_power)
     units, aa_to_int, int_unit = integrated_flux_units(cube.flux.attrs.get("units"))
     cube = cube.transpose("wave", ...)
     if cube.sizes["wave"] > 1 and float(cube.wave[0]) > float(cube.wave[-1]):
@@ -260,7 +243,6 @@ def fit_cube(cube: xr.Dataset, *, redshift: float, lines=None, resolving_power=N
     wave_um = np.asarray(cube.wave.values, dtype=float)
     band = str(cube.attrs.get("band", ""))
     model = build_band_model(wave_um, redshift=redshift, lines=lines, resolving_power=r_fit,
-                             fixed_ratios=fixed_ratios, bounded_ratios=bounded_ratios,
                              settings=settings, angstrom_to_int=aa_to_int)
     spatial_dims = [d for d in cube.flux.dims if d != "wave"]
     shape = tuple(cube.sizes[d] for d in spatial_dims)
@@ -269,9 +251,7 @@ def fit_cube(cube: xr.Dataset, *, redshift: float, lines=None, resolving_power=N
         "resolving_power": r_fit if r_fit is not None else np.nan,
         "sigma_is_observed": int(r_fit is None),
         "flux_units": units, "integration_unit": int_unit,
-        "settings": repr(dict(settings.__dict__, mask_sky=mask_sky,
-                              sky_min_relative_amplitude=sky_min_relative_amplitude,
-                              monte_carlo=monte_carlo)),
+        "settings": repr(settings.describe()),
         "velocity_reference": f"km/s relative to z = {redshift}",
         "model": "pixel-integrated Gaussians with tied kinematics + linear continuum per "
                  "segment; variable projection + Levenberg-Marquardt (klever_nb.fitting)",
@@ -283,17 +263,8 @@ def fit_cube(cube: xr.Dataset, *, redshift: float, lines=None, resolving_power=N
                          f"band {band!r} ({wave_um.min():.4f}-{wave_um.max():.4f} um) at "
                          f"z = {redshift}")
         return _empty_result(cube, spatial_dims, shape, requested_missing, band, attrs, units)
-    fallback = np.tile([0.0, settings.sigma_start_kms], len(model.groups)).astype(float)
-    for gi, grp in enumerate(model.groups):
-        if fallback_kinematics and grp in fallback_kinematics:
-            v0, s0 = fallback_kinematics[grp]
-            if np.isfinite(v0) and np.isfinite(s0):
-                fallback[2 * gi] = np.clip(v0, *settings.velocity_range_kms)
-                fallback[2 * gi + 1] = np.clip(s0, *settings.sigma_range_kms)
-    skymask_full = np.zeros(wave_um.size, dtype=bool)
-    if mask_sky:
-        skymask_full = sky.sky_mask(wave_um, resolving_power=_sky_resolving_power(cube, r_fit),
-                                    min_relative_amplitude=sky_min_relative_amplitude)
+    fallback = _global_fallback(model, settings, fallback_kinematics)
+    skymask_full = fit_sky_mask(cube, settings)
     skymask = skymask_full[model.channels]
     # only the fitted channels are read (a lazily loaded cube stays on disk otherwise)
     n_c = model.channels.size
@@ -303,9 +274,9 @@ def fit_cube(cube: xr.Dataset, *, redshift: float, lines=None, resolving_power=N
     user_groups = tuple(fallback_kinematics or ())
     result = _fit_all(model, flux, noise, skymask, settings, fallback, chunk_size, shape,
                       user_groups)
-    if monte_carlo and monte_carlo > 0:
+    if settings.monte_carlo > 0:
         result["flux_err_mc"] = _monte_carlo(model, result, noise, skymask, settings, fallback,
-                                             int(monte_carlo), seed, chunk_size)
+                                             chunk_size, shape, user_groups)
     ds = _to_dataset(model, result, skymask, settings, spatial_dims, shape, band, units,
                      requested_missing, cube)
     if return_model:
@@ -317,6 +288,18 @@ def fit_cube(cube: xr.Dataset, *, redshift: float, lines=None, resolving_power=N
     ds.attrs["n_not_converged"] = int((result["valid"] & ~result["converged"]).sum())
     ds.attrs["sky_channels_masked"] = int(skymask_full.sum())
     return ds
+
+
+def _global_fallback(model: BandModel, settings: FitSettings, fallback_kinematics) -> np.ndarray:
+    """(v, sigma) per group used where a weak group has no strong neighbour."""
+    fallback = np.tile([0.0, settings.sigma_start_kms], len(model.groups)).astype(float)
+    for gi, grp in enumerate(model.groups):
+        if fallback_kinematics and grp in fallback_kinematics:
+            v0, s0 = fallback_kinematics[grp]
+            if np.isfinite(v0) and np.isfinite(s0):
+                fallback[2 * gi] = np.clip(v0, *settings.velocity_range_kms)
+                fallback[2 * gi + 1] = np.clip(s0, *settings.sigma_range_kms)
+    return fallback
 
 
 def continuum_image(cube: xr.Dataset, *, redshift: float, skymask=None,
@@ -429,23 +412,36 @@ def _line_model(model: BandModel, theta, coef) -> np.ndarray:
             + coef[:, n_l:] @ model.continuum_basis.T)
 
 
-def _monte_carlo(model, result, noise, skymask, settings, fallback, n_real, seed, chunk_size):
-    """Scatter of the fluxes over refits of (best model + Gaussian noise)."""
-    rng = np.random.default_rng(seed)
+def _monte_carlo(model, result, noise, skymask, settings, fallback, chunk_size, shape,
+                 user_groups):
+    """Scatter of the fluxes over refits of (best model + Gaussian noise).
+
+    Each realisation is refitted exactly as the data were (:func:`_fit_all` with the same
+    settings, the same global fallback, the user's fallback groups and the spatial
+    neighbour fallback on the same grid), so groups whose kinematics the main fit fixed
+    get their fluxes re-measured the same way and keep an MC error. Before, the refits
+    dropped the spatial grid and the user's fallback groups and then discarded every
+    forced flux, so weak lines had no ``flux_err_mc`` at all.
+    """
+    rng = np.random.default_rng(settings.seed)
+    n_sp = result["coef"].shape[0]
     valid = np.flatnonzero(result["valid"])
-    out = np.full((result["coef"].shape[0], model.n_lines), np.nan)
+    out = np.full((n_sp, model.n_lines), np.nan)
     if valid.size == 0:
         return out
     best = _line_model(model, result["theta"][valid], result["coef"][valid])
     nz = noise[valid]
     draws = []
-    for _ in range(n_real):
-        fake = best + np.where(np.isfinite(nz), nz, 0.0) * rng.standard_normal(best.shape)
-        fake[~result["good"][valid]] = np.nan
-        res = _fit_all(model, fake, nz, skymask, settings, fallback, chunk_size)
-        res["coef"][:, :model.n_lines][res["forced"][:, model.line_group]] = np.nan
+    for _ in range(int(settings.monte_carlo)):
+        fake = np.full((n_sp, model.channels.size), np.nan)
+        fake[valid] = best + np.where(np.isfinite(nz), nz, 0.0) * rng.standard_normal(best.shape)
+        fake[~result["good"]] = np.nan
+        res = _fit_all(model, fake, noise, skymask, settings, fallback, chunk_size, shape,
+                       user_groups)
         draws.append(res["coef"][:, :model.n_lines])
-    out[valid] = np.nanstd(np.stack(draws), axis=0, ddof=1)
+    if len(draws) > 1:
+        with np.errstate(invalid="ignore"):
+            out[valid] = np.nanstd(np.stack(draws)[:, valid], axis=0, ddof=1)
     return out
 
 
@@ -605,7 +601,8 @@ def _as_cube(spectrum: xr.Dataset) -> xr.Dataset:
     return spectrum.expand_dims(y=1, x=1).transpose("wave", "y", "x")
 
 
-def fit_spectrum(spectrum: xr.Dataset, *, redshift: float, **options) -> xr.Dataset:
+def fit_spectrum(spectrum: xr.Dataset, *, redshift: float, settings: FitSettings | None = None,
+                 lines=None, fallback_kinematics: dict | None = None) -> xr.Dataset:
     """Fit one (integrated) spectrum on ``(wave,)``: same model and outputs as :func:`fit_cube`.
 
     Returns a Dataset on ``(line,)``.
@@ -614,5 +611,6 @@ def fit_spectrum(spectrum: xr.Dataset, *, redshift: float, **options) -> xr.Data
     ----------
     K20 §3.1 (pseudo-fibre integrated fluxes).
     """
-    ds = fit_cube(_as_cube(spectrum), redshift=redshift, **options)
+    ds = fit_cube(_as_cube(spectrum), redshift=redshift, settings=settings, lines=lines,
+                  fallback_kinematics=fallback_kinematics)
     return ds.isel(y=0, x=0, drop=True)

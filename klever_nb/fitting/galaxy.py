@@ -7,13 +7,16 @@ K20 §3.1.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import xarray as xr
 
+from klever_nb import align as align_mod
 from klever_nb import constants
 from klever_nb.errors import InputError
 from klever_nb.fitting.cube import fit_cube, fit_spectrum
-from klever_nb.fitting.model import C_KMS, _check_lines
+from klever_nb.fitting.model import C_KMS, FitSettings, _check_lines, as_settings
 
 
 # ---------------------------------------------------------------------------
@@ -86,17 +89,60 @@ def _merge_bands(per_band: dict[str, xr.Dataset]) -> xr.Dataset:
     return merged.sel(line=order)
 
 
-def fit_galaxy(tree: xr.DataTree, *, redshift: float,
-               smooth_fwhm_arcsec: float = constants.SMOOTH_FWHM_ARCSEC,
-               fibre_radius_arcsec: float = constants.FIBRE_RADIUS_ARCSEC, lines=None,
-               align: bool = True, **fit_options) -> tuple[xr.Dataset, xr.Dataset]:
+def fit_band(cube: xr.Dataset, *, redshift: float, settings: FitSettings | None = None,
+             lines=None, smooth_fwhm_arcsec: float = constants.SMOOTH_FWHM_ARCSEC,
+             fibre_radius_arcsec: float = constants.FIBRE_RADIUS_ARCSEC
+             ) -> tuple[xr.Dataset, xr.Dataset]:
+    """Line maps and integrated fluxes of one band's cube at a fixed redshift (K20 §3.1).
+
+    The one fit path of a band, shared by :func:`fit_galaxy` (``klever-nb run``, after
+    the redshift refinement) and :func:`klever_nb.pipeline.fit_single_cube`
+    (``klever-nb fit``): the pseudo-fibre spectrum on the emission peak and its fit,
+    then the cube (smoothed by ``smooth_fwhm_arcsec`` when > 0) fitted spaxel by
+    spaxel with the integrated kinematics as the fallback for weak groups. The same
+    cube, redshift, lines and settings give the same maps through either command.
+
+    Returns
+    -------
+    maps : Dataset on ``(line, y, x)``
+        attrs also ``noise_correlation_scaling`` and ``fibre_centre_yx``.
+    integrated : Dataset on ``(line,)``
+    """
+    from klever_nb import spectra
+
+    settings = as_settings(settings)
+    names = _band_lines(cube, redshift, _check_lines(lines))
+    if not names:
+        raise InputError(f"no line of {list(lines) if lines else 'the catalogue'} falls inside "
+                         f"band {cube.attrs.get('band', '')!r} at z = {redshift}")
+    fibre = spectra.pseudo_fibre_spectrum(cube, radius_arcsec=fibre_radius_arcsec,
+                                          redshift=redshift, lines=names)
+    integrated = fit_spectrum(fibre, redshift=redshift, settings=settings, lines=names)
+    work = cube
+    if smooth_fwhm_arcsec and smooth_fwhm_arcsec > 0:
+        work = spectra.smooth_cube(cube, fwhm_arcsec=smooth_fwhm_arcsec)
+    maps = fit_cube(work, redshift=redshift, settings=settings, lines=names,
+                    fallback_kinematics=_group_kinematics(integrated))
+    maps.attrs["noise_correlation_scaling"] = float(
+        work.attrs.get("noise_correlation_scaling", 1.0))
+    maps.attrs["fibre_centre_yx"] = list(map(float, fibre.attrs["centre_yx"]))
+    maps.attrs["smooth_fwhm_arcsec"] = float(smooth_fwhm_arcsec or 0.0)
+    integrated.attrs["fibre_centre_yx"] = maps.attrs["fibre_centre_yx"]
+    return maps, integrated
+
+
+def fit_galaxy(tree: xr.DataTree, *, redshift: float, settings: FitSettings | None = None,
+               lines=None, smooth_fwhm_arcsec: float = constants.SMOOTH_FWHM_ARCSEC,
+               fibre_radius_arcsec: float = constants.FIBRE_RADIUS_ARCSEC,
+               align: bool = True) -> tuple[xr.Dataset, xr.Dataset]:
     """Line maps and integrated fluxes of a galaxy's cubes, bands aligned (K20 §3.1).
 
-    For each band: pseudo-fibre spectrum on its emission peak and its fit; the
-    redshift refined from the integrated Hα (else [OIII]5007) centroid; the
-    integrated fits repeated at the refined redshift; the smoothed cube fitted
-    spaxel by spaxel with the integrated kinematics as fallback for weak groups.
-    The bands' maps are then registered (:mod:`klever_nb.align`) and merged.
+    The pseudo-fibre spectrum of each band is fitted at the input redshift; the
+    redshift is refined from the integrated Hα (else [OIII]5007) centroid; then every
+    band goes through :func:`fit_band` at the refined redshift. The bands' maps are
+    placed on the reference band's grid through their celestial WCS
+    (``attrs["wcs"]`` of each cube) and the placement is refined by cross-correlation
+    (:func:`klever_nb.align.register_bands`), then merged.
 
     Parameters
     ----------
@@ -104,22 +150,26 @@ def fit_galaxy(tree: xr.DataTree, *, redshift: float,
         One child per band, each a cube Dataset.
     redshift : float
         Input redshift (the maps' velocities are relative to the refined one).
-    smooth_fwhm_arcsec, fibre_radius_arcsec : float
-        K20 §3.1 defaults 0.4″ and 0.6″.
+    settings : FitSettings, optional
+        Fit options for every fit (default ``FitSettings()``).
     lines : sequence of str, optional
         Lines to fit (default: every catalogue line inside each band).
+    smooth_fwhm_arcsec, fibre_radius_arcsec : float
+        K20 §3.1 defaults 0.4″ and 0.6″.
     align : bool
         Register the bands (K20 §3.1).
-    **fit_options
-        Passed to :func:`fit_cube` / :func:`fit_spectrum`.
 
     Returns
     -------
     line_maps : xarray.Dataset on ``(line, y, x)``
+        Also ``band_shift`` on ``(bands, step, axis)``: the WCS placement, the
+        cross-correlation refinement and their total (pixels, (dy, dx)).
     integrated : xarray.Dataset on ``(line,)``
         attrs: ``redshift`` (refined), ``redshift_input``, ``redshift_refined``,
-        ``alignment_shifts`` and ``alignment_methods`` (JSON), per-band
-        ``resolving_power``, fibre centres, ``noise_correlation_scaling``.
+        ``alignment_shifts`` (total), ``alignment_wcs_offsets``,
+        ``alignment_refinement``, ``alignment_reference``, ``alignment_methods``
+        (JSON), per-band ``resolving_power``, fibre centres,
+        ``noise_correlation_scaling``.
 
     References
     ----------
@@ -134,31 +184,29 @@ def fit_galaxy(tree: xr.DataTree, *, redshift: float,
     >>> sorted(json.loads(maps.attrs["alignment_shifts"]))
     ['H', 'K', 'YJ']
     """
-    import json
-
-    from klever_nb import align as align_mod
     from klever_nb import spectra
 
+    settings = as_settings(settings)
     lines = _check_lines(lines)
     cubes = {name: node.to_dataset() for name, node in tree.children.items()
              if "flux" in node.to_dataset()}
     if not cubes:
         raise InputError("fit_galaxy: the DataTree has no band with a 'flux' cube")
-    fibres, notes = {}, {}
-    band_lines = {}
+    notes, band_lines = {}, {}
     for band, cube in cubes.items():
         names = _band_lines(cube, redshift, lines)
-        if not names:
+        if names:
+            band_lines[band] = names
+        else:
             notes[band] = f"no requested line inside band {band} at z = {redshift}"
-            continue
-        band_lines[band] = names
-        fibres[band] = spectra.pseudo_fibre_spectrum(cube, radius_arcsec=fibre_radius_arcsec,
-                                                     redshift=redshift, lines=names)
     if not band_lines:
         raise InputError(f"fit_galaxy: no line of {list(lines) if lines else 'the catalogue'} "
                          f"falls inside any band at z = {redshift}")
-    first = {b: fit_spectrum(fibres[b], redshift=redshift, lines=band_lines[b], **fit_options)
-             for b in band_lines}
+    first = {}
+    for b, names in band_lines.items():
+        fibre = spectra.pseudo_fibre_spectrum(cubes[b], radius_arcsec=fibre_radius_arcsec,
+                                              redshift=redshift, lines=names)
+        first[b] = fit_spectrum(fibre, redshift=redshift, settings=settings, lines=names)
     z_ref = redshift
     for b in band_lines:
         z_try = refine_redshift(first[b], redshift=redshift)
@@ -167,45 +215,65 @@ def fit_galaxy(tree: xr.DataTree, *, redshift: float,
             if "Halpha" in first[b]["line"].values:
                 break
     integrated, maps = {}, {}
-    scaling = {}
     for band in band_lines:
         names = _band_lines(cubes[band], z_ref, band_lines[band]) or band_lines[band]
-        integrated[band] = fit_spectrum(fibres[band], redshift=z_ref, lines=names,
-                                        **fit_options)
-        cube = cubes[band]
-        if smooth_fwhm_arcsec and smooth_fwhm_arcsec > 0:
-            cube = spectra.smooth_cube(cube, fwhm_arcsec=smooth_fwhm_arcsec)
-        scaling[band] = float(cube.attrs.get("noise_correlation_scaling", 1.0))
-        options = dict(fit_options)
-        options.setdefault("fallback_kinematics", _group_kinematics(integrated[band]))
-        maps[band] = fit_cube(cube, redshift=z_ref, lines=names, **options)
-    shifts = {b: (0.0, 0.0) for b in maps}
-    methods = {}
-    if align and len(maps) > 1:
-        positions = {b: align_mod.band_position(ds) for b, ds in maps.items()}
-        methods = {b: p["method"] for b, p in positions.items()}
-        shifts = align_mod.band_offsets(maps)
-        maps = align_mod.apply_offsets(maps, shifts)
+        maps[band], integrated[band] = fit_band(
+            cubes[band], redshift=z_ref, settings=settings, lines=names,
+            smooth_fwhm_arcsec=smooth_fwhm_arcsec, fibre_radius_arcsec=fibre_radius_arcsec)
+    placement = _register(maps, cubes, align)
+    maps = align_mod.apply_offsets(maps, placement["total"])
     line_maps = _merge_bands(maps)
     integ = _merge_bands(integrated)
     images = [maps[b]["continuum_image"] for b in maps if "continuum_image" in maps[b]]
     if images and "y" in line_maps.dims:
         line_maps["continuum_image"] = xr.concat(images, dim="bands", join="outer").assign_coords(
             bands=[b for b in maps if "continuum_image" in maps[b]])
+    if "y" in line_maps.dims:
+        line_maps["band_shift"] = _shift_table(placement, list(maps))
     attrs = {
         "redshift": float(z_ref), "redshift_input": float(redshift),
         "redshift_refined": float(z_ref),
         "smooth_fwhm_arcsec": float(smooth_fwhm_arcsec),
         "fibre_radius_arcsec": float(fibre_radius_arcsec),
-        "alignment_shifts": json.dumps({b: [float(s[0]), float(s[1])] for b, s in shifts.items()}),
-        "alignment_methods": json.dumps(methods),
+        "alignment_shifts": _json_shifts(placement["total"]),
+        "alignment_wcs_offsets": _json_shifts(placement["wcs"]),
+        "alignment_refinement": _json_shifts(placement["refinement"]),
+        "alignment_reference": str(placement["reference"] or ""),
+        "alignment_methods": json.dumps(placement["methods"]),
         "resolving_power": json.dumps({b: maps[b].attrs.get("resolving_power") for b in maps}),
-        "noise_correlation_scaling": json.dumps(scaling),
-        "fibre_centres_yx": json.dumps({b: fibres[b].attrs["centre_yx"] for b in fibres}),
+        "noise_correlation_scaling": json.dumps(
+            {b: maps[b].attrs["noise_correlation_scaling"] for b in maps}),
+        "fibre_centres_yx": json.dumps({b: maps[b].attrs["fibre_centre_yx"] for b in maps}),
         "bands": json.dumps(list(maps)),
         "notes": json.dumps(notes),
         "flux_units": next(iter(maps.values())).attrs.get("flux_units", ""),
+        "fit_settings": repr(settings.describe()),
     }
     line_maps.attrs = dict(attrs)
     integ.attrs = dict(attrs)
     return line_maps, integ
+
+
+def _register(maps: dict, cubes: dict, align: bool) -> dict:
+    """WCS placement + cross-correlation refinement of the bands (or none)."""
+    zero = {b: (0.0, 0.0) for b in maps}
+    if not align or len(maps) < 2:
+        return {"reference": next(iter(maps)), "wcs": zero, "refinement": dict(zero),
+                "total": dict(zero), "methods": {}}
+    return align_mod.register_bands(
+        maps, wcs_by_band={b: cubes[b].attrs.get("wcs") for b in maps})
+
+
+def _json_shifts(shifts: dict) -> str:
+    return json.dumps({b: [float(s[0]), float(s[1])] for b, s in shifts.items()})
+
+
+def _shift_table(placement: dict, bands: list[str]) -> xr.DataArray:
+    steps = ("wcs", "refinement", "total")
+    values = np.array([[placement[k][b] for k in steps] for b in bands], dtype=float)
+    da = xr.DataArray(values, dims=("bands", "step", "axis"),
+                      coords={"bands": bands, "step": list(steps), "axis": ["dy", "dx"]})
+    da.attrs.update(units="pixel", long_name=(
+        "shift applied to each band's maps: WCS placement on the reference band's grid, "
+        "cross-correlation refinement, and their total"))
+    return da

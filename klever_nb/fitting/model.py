@@ -20,11 +20,11 @@ import xarray as xr
 from astropy import units as u
 from scipy.special import ndtr
 
-from klever_nb import constants
+from klever_nb import constants, sky
 from klever_nb.errors import ConfigError, InputError
 
 C_KMS = constants.C_KMS
-FWHM_PER_SIGMA = 2.0 * np.sqrt(2.0 * np.log(2.0))
+FWHM_PER_SIGMA = constants.FWHM_PER_SIGMA
 _TRUNCATE_SIGMA = 7.0  # each profile is evaluated within +-7 sigma (mass outside 2.6e-12)
 _INV_SQRT_2PI = 1.0 / np.sqrt(2.0 * np.pi)
 
@@ -34,7 +34,41 @@ _INV_SQRT_2PI = 1.0 / np.sqrt(2.0 * np.pi)
 # ---------------------------------------------------------------------------
 @dataclass(frozen=True)
 class FitSettings:
-    """Options shared by the fast fitter and its reference twin (see :func:`fit_cube`)."""
+    """Every option of the line fit, in one place (the fit defaults are written here only).
+
+    :func:`~klever_nb.fitting.fit_cube`, :func:`~klever_nb.fitting.fit_spectrum`, the
+    reference twin, :func:`~klever_nb.fitting.fit_galaxy` / :func:`fit_band` (``klever-nb
+    run`` and ``klever-nb fit``) and the Monte-Carlo refits all take one of these, so the
+    same settings give the same fit everywhere. Invalid values raise
+    :class:`~klever_nb.errors.ConfigError` on construction.
+
+    Attributes
+    ----------
+    velocity_range_kms, sigma_range_kms : (float, float)
+        Bounds on v (relative to the redshift) and on the intrinsic σ.
+    sigma_start_kms, velocity_grid_step_kms : float
+        Starting σ and the step of the coarse starting grid in v.
+    window_sigmas : float
+        Fit windows reach ``|v|_max + window_sigmas * σ_max,tot`` around each line.
+    detection_snr : float
+        ``detected = snr > detection_snr`` (K20 §3.1).
+    kinematics_snr : float
+        A kinematic group whose best line is below this SNR gets fixed kinematics
+        (strong neighbours, else the fallback; :mod:`klever_nb.fitting` docstring).
+    max_iterations, first_pass_iterations, chi2_tolerance
+        Levenberg–Marquardt controls.
+    resolving_power : float or None
+        R = λ/FWHM overriding ``cube.attrs["resolving_power"]``.
+    fixed_ratios, bounded_ratios : tuple
+        Flux-ratio constraints (``constants.FIXED_RATIOS`` / ``BOUNDED_RATIOS``).
+    mask_sky : bool
+        Give zero weight to channels at bright OH lines (:func:`sky_mask_for_cube`).
+    sky_min_relative_amplitude : float
+        OH-line threshold on the common amplitude scale (:func:`klever_nb.sky.sky_mask`).
+    monte_carlo, seed : int
+        If ``monte_carlo > 0`` also ``flux_err_mc``: the scatter of that many refits of
+        (best model + noise), each done with these same settings.
+    """
 
     velocity_range_kms: tuple[float, float] = (-500.0, 500.0)
     sigma_range_kms: tuple[float, float] = (5.0, 400.0)
@@ -46,6 +80,27 @@ class FitSettings:
     max_iterations: int = 300
     first_pass_iterations: int = 15
     chi2_tolerance: float = 1e-7
+    resolving_power: float | None = None
+    fixed_ratios: tuple = constants.FIXED_RATIOS
+    bounded_ratios: tuple = constants.BOUNDED_RATIOS
+    mask_sky: bool = True
+    sky_min_relative_amplitude: float = sky.MASK_MIN_RELATIVE_AMPLITUDE
+    monte_carlo: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("velocity_range_kms", "sigma_range_kms"):
+            value = getattr(self, name)
+            try:
+                pair = tuple(float(v) for v in value)
+            except (TypeError, ValueError):
+                raise ConfigError(f"{name}={value!r}: need two numbers (low, high)") from None
+            if len(pair) != 2:
+                raise ConfigError(f"{name}={value!r}: need two numbers (low, high)")
+            object.__setattr__(self, name, pair)
+        for name in ("fixed_ratios", "bounded_ratios"):
+            object.__setattr__(self, name, tuple(getattr(self, name) or ()))
+        self.validate()
 
     def validate(self) -> None:
         vlo, vhi = self.velocity_range_kms
@@ -56,6 +111,30 @@ class FitSettings:
             raise ConfigError(f"sigma_range_kms={self.sigma_range_kms}: need 0 < low < high")
         if not slo <= self.sigma_start_kms <= shi:
             raise ConfigError("sigma_start_kms must lie inside sigma_range_kms")
+        if int(self.monte_carlo) < 0:
+            raise ConfigError(f"monte_carlo={self.monte_carlo}: need >= 0")
+        if not 0 <= float(self.sky_min_relative_amplitude):
+            raise ConfigError("sky_min_relative_amplitude must be >= 0")
+
+    def describe(self) -> dict:
+        """The settings as plain values (for ``attrs["settings"]`` and summaries)."""
+        out = {}
+        for key, value in self.__dict__.items():
+            if key in ("fixed_ratios", "bounded_ratios"):
+                value = [(r.weak, r.strong, r.ratio) if hasattr(r, "weak")
+                         else (r.numerator, r.denominator, r.lo, r.hi) for r in value]
+            out[key] = value
+        return out
+
+
+def as_settings(settings: FitSettings | None) -> FitSettings:
+    """``settings`` itself, or the defaults; anything else is a :class:`ConfigError`."""
+    if settings is None:
+        return FitSettings()
+    if not isinstance(settings, FitSettings):
+        raise ConfigError(f"settings must be a fitting.FitSettings, got {type(settings).__name__}"
+                          " (build one: FitSettings(mask_sky=False, ...))")
+    return settings
 
 
 @dataclass
@@ -129,8 +208,7 @@ def _combos(n_l: int, fixed: list, bounded: list) -> list:
 
 
 def build_band_model(wave_um: np.ndarray, *, redshift: float, lines, resolving_power,
-                     fixed_ratios, bounded_ratios, settings: FitSettings,
-                     angstrom_to_int: float = 1.0) -> BandModel | None:
+                     settings: FitSettings, angstrom_to_int: float = 1.0) -> BandModel | None:
     """Describe the fit of one band: the lines inside it, segments, ties, bound states.
 
     Returns None when no requested line falls inside the band at ``redshift``.
@@ -171,10 +249,11 @@ def build_band_model(wave_um: np.ndarray, *, redshift: float, lines, resolving_p
     basis[np.arange(channels.size), 2 * seg_id + 1] = (w - seg_mid[seg_id]) / seg_half[seg_id]
     seg_of_line = seg_id[np.clip(np.searchsorted(w, centre), 0, w.size - 1)]
     index = {n: i for i, n in enumerate(inside)}
-    fixed = [(index[r.weak], index[r.strong], float(r.ratio)) for r in fixed_ratios
+    fixed = [(index[r.weak], index[r.strong], float(r.ratio)) for r in settings.fixed_ratios
              if r.weak in index and r.strong in index]
     bounded = [(index[r.numerator], index[r.denominator], float(r.lo), float(r.hi))
-               for r in bounded_ratios if r.numerator in index and r.denominator in index]
+               for r in settings.bounded_ratios
+               if r.numerator in index and r.denominator in index]
     model = BandModel(
         lines=tuple(inside), groups=groups, line_group=line_group, centre=centre,
         sigma_inst=sigma_inst, channels=channels, edge_lo=lo_all[channels],
@@ -276,17 +355,6 @@ def integrated_flux_units(flux_units: str | None) -> tuple[str, float, str]:
     return result.to_string(), float((1 * u.AA).to_value(wave_unit)), wave_unit.to_string()
 
 
-def _settings(velocity_range_kms, sigma_range_kms, detection_snr, kinematics_snr
-              ) -> FitSettings:
-    """Validated :class:`FitSettings` from the keyword arguments of the fitters."""
-    settings = FitSettings(velocity_range_kms=tuple(map(float, velocity_range_kms)),
-                           sigma_range_kms=tuple(map(float, sigma_range_kms)),
-                           detection_snr=float(detection_snr),
-                           kinematics_snr=float(kinematics_snr))
-    settings.validate()
-    return settings
-
-
 def _check_cube(cube: xr.Dataset) -> None:
     for name in ("flux", "noise"):
         if name not in cube:
@@ -313,6 +381,24 @@ def _sky_resolving_power(cube: xr.Dataset, r_fit: float | None) -> float:
     inst = constants.INSTRUMENTS.get(str(cube.attrs.get("instrument", "")))
     band = inst.bands.get(str(cube.attrs.get("band", ""))) if inst else None
     return band.resolving_power if band else 3000.0
+
+
+def fit_sky_mask(cube: xr.Dataset, settings: FitSettings | None = None) -> np.ndarray:
+    """The OH-line channel mask (True = zero weight) the fit of ``cube`` uses.
+
+    One function for the fitters and the line-fit widget: the window width comes
+    from ``settings.resolving_power``, else ``cube.attrs["resolving_power"]``, else
+    the instrument band's R, else 3000; the threshold from
+    ``settings.sky_min_relative_amplitude`` (:func:`klever_nb.sky.sky_mask`). All
+    False when ``settings.mask_sky`` is off. Returned on the cube's own wave order.
+    """
+    settings = as_settings(settings)
+    wave_um = np.asarray(cube["wave"].values, dtype=float)
+    if not settings.mask_sky or wave_um.size == 0:
+        return np.zeros(wave_um.shape, dtype=bool)
+    r_fit = _resolving_power(cube, settings.resolving_power)
+    return sky.sky_mask(wave_um, resolving_power=_sky_resolving_power(cube, r_fit),
+                        min_relative_amplitude=settings.sky_min_relative_amplitude)
 
 
 def _check_lines(lines) -> tuple[str, ...] | None:

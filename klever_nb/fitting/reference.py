@@ -10,17 +10,16 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
-from klever_nb import constants, sky
-from klever_nb.fitting.cube import _as_cube, _empty_result, _to_dataset
+from klever_nb.fitting.cube import _as_cube, _empty_result, _global_fallback, _to_dataset
 from klever_nb.fitting.model import (
     C_KMS,
     BandModel,
     FitSettings,
     _check_lines,
     _resolving_power,
-    _settings,
-    _sky_resolving_power,
+    as_settings,
     build_band_model,
+    fit_sky_mask,
     integrated_flux_units,
 )
 
@@ -213,14 +212,9 @@ def _reference_one(model: BandModel, flux, noise, good, settings: FitSettings, f
             "converged": bool(ok), "forced": forced}
 
 
-def fit_spectrum_reference(spectrum: xr.Dataset, *, redshift: float, lines=None,
-                           resolving_power=None, fixed_ratios=constants.FIXED_RATIOS,
-                           bounded_ratios=constants.BOUNDED_RATIOS, mask_sky: bool = True,
-                           sky_min_relative_amplitude: float = sky.MASK_MIN_RELATIVE_AMPLITUDE,
-                           detection_snr: float = constants.DETECTION_SNR,
-                           kinematics_snr: float = 5.0, fallback_kinematics: dict | None = None,
-                           velocity_range_kms=(-500.0, 500.0),
-                           sigma_range_kms=(5.0, 400.0)) -> xr.Dataset:
+def fit_spectrum_reference(spectrum: xr.Dataset, *, redshift: float,
+                           settings: FitSettings | None = None, lines=None,
+                           fallback_kinematics: dict | None = None) -> xr.Dataset:
     """The slow twin of :func:`fit_spectrum`: same model, one ``least_squares`` fit.
 
     Plain per-spectrum code (full-range error functions, 2-point Jacobian, bounded
@@ -233,30 +227,22 @@ def fit_spectrum_reference(spectrum: xr.Dataset, *, redshift: float, lines=None,
     """
     cube = _as_cube(spectrum)
     lines = _check_lines(lines)
-    settings = _settings(velocity_range_kms, sigma_range_kms, detection_snr, kinematics_snr)
-    r_fit = _resolving_power(cube, resolving_power)
+    settings = as_settings(settings)
+    r_fit = _resolving_power(cube, settings.resolving_power)
     units, aa_to_int, _ = integrated_flux_units(cube.flux.attrs.get("units"))
     wave_um = np.asarray(cube.wave.values, dtype=float)
     band = str(cube.attrs.get("band", ""))
     model = build_band_model(wave_um, redshift=redshift, lines=lines, resolving_power=r_fit,
-                             fixed_ratios=fixed_ratios, bounded_ratios=bounded_ratios,
                              settings=settings, angstrom_to_int=aa_to_int)
     missing = [n for n in (lines or ()) if model is None or n not in model.lines]
     if model is None:
         return _empty_result(cube, ["y", "x"], (1, 1), missing, band, {}, units).isel(
             y=0, x=0, drop=True)
-    skymask = np.zeros(wave_um.size, dtype=bool)
-    if mask_sky:
-        skymask = sky.sky_mask(wave_um, resolving_power=_sky_resolving_power(cube, r_fit),
-                               min_relative_amplitude=sky_min_relative_amplitude)
-    skymask = skymask[model.channels]
+    skymask = fit_sky_mask(cube, settings)[model.channels]
     flux = np.asarray(cube.flux.values, dtype=float)[model.channels, 0, 0]
     noise = np.asarray(cube.noise.values, dtype=float)[model.channels, 0, 0]
     good = np.isfinite(flux) & np.isfinite(noise) & (noise > 0) & ~skymask
-    fallback = np.tile([0.0, settings.sigma_start_kms], len(model.groups)).astype(float)
-    for gi, grp in enumerate(model.groups):
-        if fallback_kinematics and grp in fallback_kinematics:
-            fallback[2 * gi:2 * gi + 2] = fallback_kinematics[grp]
+    fallback = _global_fallback(model, settings, fallback_kinematics)
     n_par_max = max(m.shape[1] for m in model.full_maps)
     nl, nc, nt = model.n_lines, model.n_cont, model.n_theta
     result = {"theta": np.full((1, nt), np.nan), "coef": np.full((1, nl + nc), np.nan),

@@ -4,7 +4,7 @@ spaxel's spectrum, noise, OH-sky mask and fitted model, and a per-line table.
 The explorer is a thin :class:`traitlets.HasTraits` over the package: fits come
 from :func:`klever_nb.fitting.fit_cube` (with ``return_model=True``), smoothing
 from :func:`klever_nb.spectra.smooth_cube`, the sky mask from
-:func:`klever_nb.sky.sky_mask`. Every control has a code twin::
+:func:`klever_nb.fitting.fit_sky_mask` (the mask the fit used). Every control has a code twin::
 
     ex = LineFitExplorer(galaxy.cubes)
     ex.line = "NII_6584"; ex.quantity = "snr"   # the dropdown and the toggle buttons
@@ -33,7 +33,7 @@ import numpy as np
 import traitlets
 import xarray as xr
 
-from klever_nb import constants, sky
+from klever_nb import constants
 from klever_nb.errors import ConfigError
 from klever_nb.widgets._common import (
     DIVERGING,
@@ -67,13 +67,30 @@ def _as_tree(cubes: xr.DataTree | xr.Dataset) -> dict[str, xr.Dataset]:
                       "DataTree with one child per band")
 
 
+def _fit_settings(fit_kwargs: dict):
+    """The :class:`~klever_nb.fitting.FitSettings` the widget fits with (``fit_kwargs`` may
+    hold a ``settings`` object and/or FitSettings fields)."""
+    import dataclasses
+
+    from klever_nb import fitting
+
+    options = dict(fit_kwargs)
+    settings = options.pop("settings", None) or fitting.FitSettings()
+    fields = {f.name for f in dataclasses.fields(fitting.FitSettings)}
+    unknown = sorted(set(options) - fields)
+    if unknown:
+        raise ConfigError(f"LineFitExplorer: fit_kwargs {unknown} are not FitSettings fields "
+                          f"({sorted(fields)})")
+    return dataclasses.replace(settings, **options) if options else settings
+
+
 def _fit_with_model(cube: xr.Dataset, *, redshift: float, lines: tuple[str, ...],
                     fit_kwargs: dict) -> tuple[xr.Dataset, np.ndarray | None]:
     """Call the package's fitter; return the line maps and the model cube (wave, y, x)."""
     from klever_nb import fitting
 
     result = fitting.fit_cube(cube, redshift=redshift, lines=lines, return_model=True,
-                              **fit_kwargs)
+                              settings=_fit_settings(fit_kwargs))
     model = result.get("model")
     if model is not None:
         maps = result.drop_vars("model")
@@ -103,7 +120,8 @@ class LineFitExplorer(ExplorerBase):
     selected_spaxel : tuple of int, optional
         Initial (y, x); default the peak of the first fitted line's SNR.
     fit_kwargs : dict, optional
-        Extra keyword arguments for :func:`klever_nb.fitting.fit_cube`.
+        :class:`klever_nb.fitting.FitSettings` fields (or ``settings=FitSettings(...)``)
+        for :func:`klever_nb.fitting.fit_cube`.
 
     Examples
     --------
@@ -196,15 +214,10 @@ class LineFitExplorer(ExplorerBase):
             cube = spectra.smooth_cube(cube, fwhm_arcsec=float(self.smooth_fwhm))
         maps, model = _fit_with_model(cube, redshift=self.redshift,
                                       lines=self.band_lines[band], fit_kwargs=self._fit_kwargs)
-        wave = cube["wave"].values
-        resolving_power = cube.attrs.get("resolving_power", np.nan)
-        if resolving_power is not None and np.isfinite(resolving_power):
-            amplitude = self._fit_kwargs.get("sky_min_relative_amplitude",
-                                             sky.MASK_MIN_RELATIVE_AMPLITUDE)
-            mask = sky.sky_mask(wave, resolving_power=float(resolving_power),
-                                min_relative_amplitude=amplitude)
-        else:
-            mask = np.zeros(wave.shape, dtype=bool)
+        from klever_nb import fitting
+
+        # the very mask the fit used (one function for both)
+        mask = fitting.fit_sky_mask(cube, _fit_settings(self._fit_kwargs))
         entry = {"cube": cube, "maps": maps, "model": model, "sky_mask": mask,
                  "seconds": time.perf_counter() - t0}
         self._remember(self._cache, key, entry, CACHE_SIZE)
