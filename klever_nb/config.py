@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from klever_nb import constants
+from klever_nb import constants, sky  # sky: the mask threshold's one definition
 from klever_nb.errors import ConfigError
 
 #: ``[analysis] method`` / ``klever-nb run --method``: this package's estimators or the paper's.
@@ -33,7 +33,8 @@ class AnalysisSettings:
     detection_snr : float
         Line detection threshold (K20 §3.1: 3).
     sky_min_relative_amplitude : float
-        OH lines brighter than this fraction of the band's brightest are masked (K20 §3.1).
+        OH lines brighter than this fraction of the reference OH line are masked: one sky
+        brightness in every band (:data:`klever_nb.sky.MASK_MIN_RELATIVE_AMPLITUDE`, K20 §3.1).
     lines : tuple of str or None
         Lines to fit (default: the paper's lines that fall in each band).
     diagnostics : tuple of str or None
@@ -68,7 +69,7 @@ class AnalysisSettings:
     smooth_fwhm_arcsec: float = constants.SMOOTH_FWHM_ARCSEC
     fibre_radius_arcsec: float = constants.FIBRE_RADIUS_ARCSEC
     detection_snr: float = constants.DETECTION_SNR
-    sky_min_relative_amplitude: float = 0.05
+    sky_min_relative_amplitude: float = sky.MASK_MIN_RELATIVE_AMPLITUDE
     lines: tuple[str, ...] | None = None
     diagnostics: tuple[str, ...] | None = None
     calibration_set: str = "C20"

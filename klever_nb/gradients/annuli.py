@@ -17,9 +17,10 @@ import numpy as np
 import xarray as xr
 from photutils.aperture import EllipticalAnnulus, EllipticalAperture
 
+from klever_nb.constants import FWHM_PER_SIGMA
 from klever_nb.errors import ConfigError, InputError
 
-_FWHM_TO_SIGMA = 1.0 / (2.0 * np.sqrt(2.0 * np.log(2.0)))
+_FWHM_TO_SIGMA = 1.0 / FWHM_PER_SIGMA
 
 
 # ---------------------------------------------------------------------------

@@ -12,12 +12,10 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from klever_nb.constants import FWHM_PER_SIGMA  # noqa: F401  (the lensing modules take it from here)
 from klever_nb.cosmology import dls_over_ds
 from klever_nb.errors import ConfigError, InputError
 from klever_nb.io.images import wcs_from_string
-
-FWHM_PER_SIGMA = 2.0 * np.sqrt(2.0 * np.log(2.0))
-
 
 # ---------------------------------------------------------------------------------------------
 # Lens maps: redshift rescaling, parametric models, κ and γ
