@@ -35,6 +35,17 @@ LN10 = np.log(10.0)
 
 _LAWS = ("CCM89", "O94", "F99", "Calzetti00")
 
+#: Default R_V of each law: 3.1 for the Milky-Way laws (CCM89, O94, F99; K20 §3.4), 4.05 for
+#: Calzetti et al. 2000 (their eq. 5; FACTS.md §5 lists k(Calz00) with R_V = 4.05).
+DEFAULT_R_V = {"CCM89": R_V, "O94": R_V, "F99": R_V, "Calzetti00": 4.05}
+
+
+def default_r_v(law: str) -> float:
+    """R_V that goes with ``law`` when none is given (:data:`DEFAULT_R_V`)."""
+    if law not in DEFAULT_R_V:
+        raise ConfigError(f"unknown extinction law {law!r}; use one of {_LAWS}")
+    return DEFAULT_R_V[law]
+
 
 @cache
 def _law_model(law: str, r_v: float):
@@ -62,7 +73,7 @@ def _calzetti00_k(wave_um: np.ndarray, r_v: float) -> np.ndarray:
 
 
 def k_lambda(wave_angstrom_vacuum: np.ndarray | float, *, law: str = "CCM89",
-             r_v: float = R_V) -> np.ndarray:
+             r_v: float | None = None) -> np.ndarray:
     """k(lambda) = A(lambda) / E(B-V) at rest-frame vacuum wavelengths in Angstrom.
 
     Parameters
@@ -72,8 +83,8 @@ def k_lambda(wave_angstrom_vacuum: np.ndarray | float, *, law: str = "CCM89",
     law : {"CCM89", "O94", "F99", "Calzetti00"}
         Extinction law (K20: CCM89). CCM89/O94/F99 via ``dust_extinction``;
         Calzetti00 (R_V = 4.05 customary) from its closed form.
-    r_v : float
-        R_V = A(V)/E(B-V) (K20: 3.1).
+    r_v : float, optional
+        R_V = A(V)/E(B-V); default per law (:data:`DEFAULT_R_V`: 3.1, K20; Calzetti00 4.05).
 
     Returns
     -------
@@ -90,6 +101,7 @@ def k_lambda(wave_angstrom_vacuum: np.ndarray | float, *, law: str = "CCM89",
     2.534
     """
     wave = np.asarray(wave_angstrom_vacuum, dtype=float)
+    r_v = default_r_v(law) if r_v is None else float(r_v)
     if law == "Calzetti00":
         return _calzetti00_k(wave / 1e4, r_v)
     model = _law_model(law, float(r_v))
@@ -98,8 +110,9 @@ def k_lambda(wave_angstrom_vacuum: np.ndarray | float, *, law: str = "CCM89",
     return values.reshape(wave.shape) if wave.ndim else values[0]
 
 
-def balmer_constant(*, law: str = "CCM89", r_v: float = R_V) -> float:
+def balmer_constant(*, law: str = "CCM89", r_v: float | None = None) -> float:
     """2.5 / (k(Hbeta) - k(Halpha)): E(B-V) per dex of (Halpha/Hbeta)/R_int (CCM89: 2.329)."""
+    r_v = default_r_v(law) if r_v is None else float(r_v)
     k_hb = float(k_lambda(LINES["Hbeta"].wave_vac, law=law, r_v=r_v))
     k_ha = float(k_lambda(LINES["Halpha"].wave_vac, law=law, r_v=r_v))
     return 2.5 / (k_hb - k_ha)
@@ -107,7 +120,7 @@ def balmer_constant(*, law: str = "CCM89", r_v: float = R_V) -> float:
 
 def balmer_ebv(maps: xr.Dataset, *, min_snr_hbeta: float = 3.0, min_snr_halpha: float = 3.0,
                intrinsic: float = BALMER_INTRINSIC, law: str = "CCM89",
-               r_v: float = R_V) -> xr.Dataset:
+               r_v: float | None = None) -> xr.Dataset:
     """E(B-V) from the Balmer decrement, per pixel (or for integrated fluxes).
 
     E(B-V) = 2.5 / (k(Hbeta) - k(Halpha)) log10[(Halpha/Hbeta)_obs / R_int].
@@ -134,6 +147,7 @@ def balmer_ebv(maps: xr.Dataset, *, min_snr_hbeta: float = 3.0, min_snr_halpha: 
     ----------
     K20 §3.3-3.4; FACTS.md §5.
     """
+    r_v = default_r_v(law) if r_v is None else float(r_v)
     names = list(maps["line"].values)
     for line in ("Halpha", "Hbeta"):
         if line not in names:
@@ -186,7 +200,7 @@ def integrated_balmer_ebv(maps: xr.Dataset, **kwargs) -> tuple[float, float]:
 
 def correct_for_dust(maps: xr.Dataset, *, ebv: xr.Dataset | xr.DataArray | float,
                      ebv_err: xr.DataArray | float = 0.0, law: str = "CCM89",
-                     r_v: float = R_V, clip_negative: bool = True) -> xr.Dataset:
+                     r_v: float | None = None, clip_negative: bool = True) -> xr.Dataset:
     """Dust-corrected line maps: F_corr = F_obs 10**(0.4 k(lambda) E(B-V)).
 
     Parameters
@@ -216,6 +230,7 @@ def correct_for_dust(maps: xr.Dataset, *, ebv: xr.Dataset | xr.DataArray | float
     """
     if maps.attrs.get("dust_corrected", False):
         raise ConfigError("maps are already dust-corrected (attrs['dust_corrected'])")
+    r_v = default_r_v(law) if r_v is None else float(r_v)
     if isinstance(ebv, xr.Dataset):
         ebv, ebv_err = ebv["ebv"], ebv["ebv_err"]
     ebv_da = ebv if isinstance(ebv, xr.DataArray) else xr.DataArray(float(ebv))
@@ -241,3 +256,34 @@ def correct_for_dust(maps: xr.Dataset, *, ebv: xr.Dataset | xr.DataArray | float
     out = out.assign_coords(k_lambda=k.assign_attrs(long_name="A(lambda)/E(B-V)", law=law))
     out.attrs.update(dust_corrected=1, extinction_law=law, r_v=r_v)
     return out
+
+
+def global_ebv_for_correction(ebv: float, ebv_err: float, *, no_balmer_err: float = 0.2
+                              ) -> dict:
+    """The E(B-V) applied to a galaxy's global quantities (SFR, global O/H), with a flag.
+
+    - finite and >= 0: used as it is (``ebv_flag = "ok"``);
+    - negative (Halpha/Hbeta below the intrinsic 2.87, consistent with no dust within the
+      errors): 0 is applied, the error kept, the raw value returned as ``ebv_raw``
+      (``"negative_clipped"``; a negative correction would dim the lines, which is unphysical);
+    - NaN (no usable Hbeta, no Balmer decrement): 0 is applied with an error of
+      ``no_balmer_err`` mag (``"no_balmer_decrement"``): not measured is not "no dust".
+      0.2 mag is about the scatter of nebular E(B-V) in z ~ 1-2.5 star-forming galaxies at
+      fixed mass (decision recorded here; K20 §3.4 gives no prescription for this case).
+
+    Returns ``ebv``, ``ebv_err``, ``ebv_raw``, ``ebv_raw_err``, ``ebv_flag``, ``ebv_message``.
+    """
+    raw, raw_err = float(ebv), float(ebv_err)
+    if not np.isfinite(raw):
+        return {"ebv": 0.0, "ebv_err": float(no_balmer_err), "ebv_raw": float("nan"),
+                "ebv_raw_err": float("nan"), "ebv_flag": "no_balmer_decrement",
+                "ebv_message": ("no Balmer decrement (Hbeta missing or not detected): no dust "
+                                f"correction applied, E(B-V) = 0 +- {no_balmer_err} mag assumed")}
+    err = raw_err if np.isfinite(raw_err) else float(no_balmer_err)
+    if raw < 0:
+        return {"ebv": 0.0, "ebv_err": err, "ebv_raw": raw, "ebv_raw_err": raw_err,
+                "ebv_flag": "negative_clipped",
+                "ebv_message": (f"Balmer decrement gives E(B-V) = {raw:.3f} +- {raw_err:.3f} < 0: "
+                                "clipped to 0 for the correction")}
+    return {"ebv": raw, "ebv_err": err, "ebv_raw": raw, "ebv_raw_err": raw_err,
+            "ebv_flag": "ok", "ebv_message": ""}

@@ -421,9 +421,9 @@ def _metallicity_stage(maps: xr.Dataset, source: xr.Dataset, cfg: GalaxyConfig,
     diagnostics = metallicity.choose_diagnostics(
         integrated, redshift=cfg.redshift,
         requested=list(s.diagnostics) if s.diagnostics else None)
-    ebv, ebv_err = dust.integrated_balmer_ebv(integrated)
-    ebv = float(ebv) if np.isfinite(ebv) else 0.0  # no Balmer decrement: no correction
-    ebv_err = float(ebv_err) if np.isfinite(ebv_err) else 0.0
+    # negative E(B-V) -> 0, no Balmer decrement -> 0 +- 0.2 mag; flagged (dust.py)
+    dust_info = dust.global_ebv_for_correction(*dust.integrated_balmer_ebv(integrated))
+    ebv, ebv_err = dust_info["ebv"], dust_info["ebv_err"]
     metal = metallicity.metallicity_map(
         source, diagnostics=diagnostics, calibration_set=s.calibration_set,
         redshift=cfg.redshift, ebv=ebv, ebv_err=ebv_err, method=s.metallicity_method,
@@ -436,11 +436,16 @@ def _metallicity_stage(maps: xr.Dataset, source: xr.Dataset, cfg: GalaxyConfig,
     info.update({"ebv": ebv, "ebv_err": ebv_err,
                  "agn_like_pixels": int(metal["agn_like"].sum()),
                  "agn_pixels_excluded": int(metal["agn_excluded"].sum())})
+    info.update({k: v for k, v in dust_info.items() if k not in ("ebv", "ebv_err")})
     lensing_info = json.loads(source.attrs.get("lensing_summary", "{}"))
+    # the headline mu (forward-modelled; the paper's with method = "k20"), as the lens stage set it
     mu = lensing_info.get("mu_halpha", 1.0) if cfg.lensed else 1.0
     mu_err = lensing_info.get("mu_halpha_err", 0.0) if cfg.lensed else 0.0
+    info["sfr_mu"] = lensing_info.get("mu_halpha_method", "k20") if cfg.lensed else "unlensed"
     if not np.isfinite(mu):
-        mu, mu_err = lensing_info.get("mu_maps", 1.0), 0.0
+        mu = lensing_info.get("mu_maps", 1.0)
+        mu_err = lensing_info.get("mu_maps_spread", float("nan"))
+        info["sfr_mu"] = "mu_maps (no mu_halpha)"
     if "Halpha" in maps["line"].values:
         total, total_err = sfr.total_halpha(maps, snr_min=constants.SFR_SNR)
         rate = sfr.sfr_from_halpha(total, total_err, redshift=cfg.redshift, ebv=ebv,

@@ -12,7 +12,7 @@ import math
 import numpy as np
 import xarray as xr
 
-from klever_nb.constants import KE12_LOG_C_HALPHA, KROUPA_TO_CHABRIER, LINES, R_V, SFR_SNR
+from klever_nb.constants import KE12_LOG_C_HALPHA, KROUPA_TO_CHABRIER, LINES, SFR_SNR
 from klever_nb.cosmology import luminosity_distance_cm
 from klever_nb.dust import k_lambda
 from klever_nb.errors import ConfigError
@@ -24,7 +24,7 @@ FLUX_UNITS = "erg / (s cm2)"
 
 def sfr_from_halpha(halpha_flux: float, halpha_flux_err: float, *, redshift: float,
                     ebv: float = 0.0, ebv_err: float = 0.0, mu: float = 1.0, mu_err: float = 0.0,
-                    imf: str = "chabrier", law: str = "CCM89", r_v: float = R_V,
+                    imf: str = "chabrier", law: str = "CCM89", r_v: float | None = None,
                     flux_units: str | None = None) -> dict:
     """SFR (Msun/yr) from an observed Halpha flux in erg/s/cm^2.
 
@@ -35,7 +35,8 @@ def sfr_from_halpha(halpha_flux: float, halpha_flux_err: float, *, redshift: flo
     redshift : float
         Source redshift (D_L from :func:`klever_nb.cosmology.luminosity_distance_cm`).
     ebv, ebv_err : float
-        Nebular E(B-V) and its error (mag), CCM89 k(Halpha) = 2.534.
+        Nebular E(B-V) and its error (mag), CCM89 k(Halpha) = 2.534. A negative E(B-V) is
+        clipped to 0 (``ebv_clipped``), its error kept; NaN is an error.
     mu, mu_err : float
         Magnification mu(Halpha) and its error (1 for unlensed sources).
     imf : {"chabrier", "kroupa"}
@@ -78,6 +79,11 @@ def sfr_from_halpha(halpha_flux: float, halpha_flux_err: float, *, redshift: flo
         raise ConfigError(f"mu={mu}: the magnification must be positive")
     d_l = luminosity_distance_cm(redshift)
     k_ha = float(k_lambda(LINES["Halpha"].wave_vac, law=law, r_v=r_v))
+    if not np.isfinite(ebv):
+        raise ConfigError("sfr_from_halpha: E(B-V) is NaN; decide the correction first "
+                          "(klever_nb.dust.global_ebv_for_correction)")
+    ebv_raw = float(ebv)
+    ebv = max(ebv_raw, 0.0)  # a negative E(B-V) would dim Halpha (unphysical): clipped
     a_ha = k_ha * ebv
     luminosity = 4.0 * math.pi * d_l**2 * halpha_flux * 10.0 ** (0.4 * a_ha) / mu
     log_sfr = math.log10(luminosity) - KE12_LOG_C_HALPHA
@@ -92,7 +98,8 @@ def sfr_from_halpha(halpha_flux: float, halpha_flux_err: float, *, redshift: flo
             "log_sfr_err": log_err, "luminosity": luminosity, "luminosity_distance_cm": d_l,
             "a_halpha": a_ha, "halpha_flux_cgs": halpha_flux,
             "halpha_flux_err_cgs": halpha_flux_err, "err_flux_dex": err_flux,
-            "err_ebv_dex": err_ebv, "err_mu_dex": err_mu}
+            "err_ebv_dex": err_ebv, "err_mu_dex": err_mu, "ebv_applied": ebv,
+            "ebv_clipped": ebv_raw < 0}
 
 
 def flux_to_cgs(value: float, units: str | None) -> float:
@@ -114,12 +121,51 @@ def flux_to_cgs(value: float, units: str | None) -> float:
                           "the SFR needs line fluxes (not surface brightness)") from None
 
 
-def total_halpha(maps: xr.Dataset, *, snr_min: float = SFR_SNR) -> tuple[float, float]:
+def smooth_sigma_pix(maps: xr.Dataset) -> float:
+    """σ (spaxels) of the Gaussian the cube was smoothed with before the fit (0 if none).
+
+    From ``maps.attrs["smooth_fwhm_arcsec"]`` and ``["pixel_scale_arcsec"]`` (written by
+    :func:`klever_nb.fitting.fit_galaxy` and the pipeline; K20 §3.1: 0.4").
+    """
+    fwhm = float(maps.attrs.get("smooth_fwhm_arcsec", 0.0) or 0.0)
+    pix = float(maps.attrs.get("pixel_scale_arcsec", np.nan))
+    if fwhm <= 0 or not np.isfinite(pix) or pix <= 0:
+        return 0.0
+    return fwhm / (2.0 * math.sqrt(2.0 * math.log(2.0))) / pix
+
+
+def correlated_sum_error(err: np.ndarray, mask: np.ndarray, *,
+                         smooth_sigma_pix: float = 0.0) -> float:
+    """1σ error of the sum of the ``mask`` spaxels of a map fitted on a smoothed cube.
+
+    Smoothing by a kernel K correlates neighbouring spaxels: ρ(Δ) = (K ⋆ K)(Δ) / Σ K² (the
+    autocorrelation of :func:`klever_nb.spectra.smooth_cube`'s kernel, exact for uniform input
+    noise), so var(Σ_S f) = Σ_{i,j ∈ S} σ_i σ_j ρ(i − j), not Σ σ_i² (up to Σ K⁻² ≈ 9 × larger
+    for 0.4" at 0.2"/spaxel over a large region). ``smooth_sigma_pix = 0``: quadrature sum.
+    """
+    v = np.where(mask & np.isfinite(err), err, 0.0).astype(float)
+    if smooth_sigma_pix <= 0:
+        return float(np.sqrt(np.sum(v * v)))
+    from scipy import ndimage
+
+    from klever_nb.spectra import gaussian_kernel
+
+    kernel = gaussian_kernel(smooth_sigma_pix)
+    rho = ndimage.correlate(np.pad(kernel, kernel.shape[0] // 2), kernel, mode="constant")
+    rho /= np.sum(kernel**2)
+    return float(np.sqrt(max(np.sum(v * ndimage.convolve(v, rho, mode="constant")), 0.0)))
+
+
+def total_halpha(maps: xr.Dataset, *, snr_min: float = SFR_SNR,
+                 smooth_sigma: float | None = None) -> tuple[float, float]:
     """Total Halpha flux co-added over the spaxels with Halpha SNR > ``snr_min`` (K20 §3.3).
 
     Returns ``(flux, err)`` in the units of ``maps["flux"]`` (``attrs["units"]``;
-    pass them as ``flux_units`` to :func:`sfr_from_halpha`), the error being the
-    quadrature sum of the spaxel errors. NaN when no spaxel passes.
+    pass them as ``flux_units`` to :func:`sfr_from_halpha`). The error includes the
+    correlation between spaxels of a map fitted on a smoothed cube
+    (:func:`correlated_sum_error`; ``smooth_sigma`` in spaxels, default from the maps' attrs,
+    :func:`smooth_sigma_pix`); K20 adds the spaxel errors in quadrature, which is right
+    only without smoothing. NaN when no spaxel passes.
     """
     if "Halpha" not in maps["line"].values:
         raise ConfigError("total_halpha needs Halpha in the line maps")
@@ -132,7 +178,8 @@ def total_halpha(maps: xr.Dataset, *, snr_min: float = SFR_SNR) -> tuple[float, 
         good = np.isfinite(flux) & np.isfinite(err) & (np.nan_to_num(snr, nan=-np.inf) > snr_min)
     if not good.any():
         return float("nan"), float("nan")
-    return float(flux[good].sum()), float(np.sqrt((err[good] ** 2).sum()))
+    sigma = smooth_sigma_pix(maps) if smooth_sigma is None else float(smooth_sigma)
+    return float(flux[good].sum()), correlated_sum_error(err, good, smooth_sigma_pix=sigma)
 
 
 def sfr_summary(maps: xr.Dataset, *, redshift: float, ebv: float = 0.0, ebv_err: float = 0.0,

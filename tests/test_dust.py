@@ -126,3 +126,35 @@ def test_correct_for_dust_per_pixel_ebv_dataset_and_clipping():
     unclipped = correct_for_dust(maps, ebv=dust, clip_negative=False)
     ratio = unclipped["flux"].sel(line="Halpha") / unclipped["flux"].sel(line="Hbeta")
     assert float(ratio[1]) == pytest.approx(BALMER_INTRINSIC, rel=1e-9)
+
+
+# --- issue 21: dust edge cases ---------------------------------------------------------------
+
+def test_calzetti00_defaults_to_its_own_r_v_4_05():
+    """FACTS.md §5: k(Halpha) = 3.325, k(Hbeta) = 4.596 for Calzetti00 with R_V = 4.05;
+    E(B-V) = 1.966 log10(ratio / R_int)."""
+    from klever_nb import dust as D
+
+    assert D.default_r_v("Calzetti00") == 4.05 and D.default_r_v("CCM89") == 3.1
+    assert float(D.k_lambda(6564.61, law="Calzetti00")) == pytest.approx(3.325, abs=0.002)
+    assert float(D.k_lambda(4862.69, law="Calzetti00")) == pytest.approx(4.596, abs=0.002)
+    assert D.balmer_constant(law="Calzetti00") == pytest.approx(1.966, abs=0.002)
+    assert D.balmer_constant(law="CCM89") == pytest.approx(2.329, abs=0.002)
+
+
+def test_negative_ebv_is_clipped_and_flagged_with_the_raw_value_kept():
+    from klever_nb import dust as D
+
+    out = D.global_ebv_for_correction(-0.08, 0.05)
+    assert out["ebv"] == 0.0 and out["ebv_err"] == 0.05
+    assert out["ebv_raw"] == -0.08 and out["ebv_flag"] == "negative_clipped"
+    ok = D.global_ebv_for_correction(0.3, 0.05)
+    assert ok["ebv"] == 0.3 and ok["ebv_flag"] == "ok"
+
+
+def test_missing_ebv_is_flagged_and_gets_a_nonzero_error():
+    from klever_nb import dust as D
+
+    out = D.global_ebv_for_correction(float("nan"), float("nan"))
+    assert out["ebv"] == 0.0 and out["ebv_err"] > 0 and np.isnan(out["ebv_raw"])
+    assert out["ebv_flag"] == "no_balmer_decrement" and "Hbeta" in out["ebv_message"]

@@ -106,3 +106,21 @@ def test_sfr_summary_fields():
     direct = sfr_from_halpha(9e-18, math.sqrt(9) * 1e-19, redshift=1.5, mu=3.0, mu_err=0.3)
     assert out["sfr"] == pytest.approx(direct["sfr"])
     assert out["sfr_err"] == pytest.approx(direct["sfr_err"])
+
+
+def test_negative_ebv_does_not_reach_the_sfr():
+    """Issue 21: a negative E(B-V) would dim Halpha; the SFR applies 0 and flags it."""
+    from klever_nb.sfr import sfr_from_halpha
+
+    neg = sfr_from_halpha(1e-16, 1e-18, redshift=1.5, ebv=-0.1, ebv_err=0.05)
+    zero = sfr_from_halpha(1e-16, 1e-18, redshift=1.5, ebv=0.0, ebv_err=0.05)
+    assert neg["sfr"] == pytest.approx(zero["sfr"]) and neg["ebv_clipped"]
+    assert neg["log_sfr_err"] == pytest.approx(zero["log_sfr_err"])
+
+
+def test_sfr_divides_by_the_given_magnification():
+    from klever_nb.sfr import sfr_from_halpha
+
+    one = sfr_from_halpha(1e-16, 1e-18, redshift=1.5)
+    lensed = sfr_from_halpha(1e-16, 1e-18, redshift=1.5, mu=12.4, mu_err=0.3)
+    assert lensed["sfr"] == pytest.approx(one["sfr"] / 12.4)

@@ -49,6 +49,8 @@ class LensingOperator:
         self.s2 = subsample * subsample
         self.sigma_pix = psf_fwhm_arcsec / FWHM_PER_SIGMA / self.p
         bx, by = _trace_rays(lens, self.ly, self.lx, subsample)
+        #: β (arcsec, lens frame) of every ray, flat (lens pixel major, ``s2`` rays each)
+        self.beta = (bx.ravel(), by.ravel())
         self.base, self.w = _bilinear_weights(grid, bx.ravel(), by.ravel())
         stride = grid.nx + 2
         self.corner = (0, 1, stride, stride + 1)
@@ -69,7 +71,14 @@ class LensingOperator:
 
     def forward(self, source: np.ndarray, *, psf: bool = True) -> np.ndarray:
         """Source SB (grid.ny, grid.nx) → IFU flux per spaxel (ifu_shape)."""
-        sb = self.lens_plane(source)
+        return self._to_ifu(self.lens_plane(source), psf)
+
+    def forward_rays(self, values: np.ndarray, *, psf: bool = True) -> np.ndarray:
+        """SB sampled at the rays (``beta``; e.g. an analytic source) → IFU flux per spaxel."""
+        sb = np.asarray(values, float).reshape(-1, self.s2).mean(axis=1)
+        return self._to_ifu(sb.reshape(self.ly.size, self.lx.size), psf)
+
+    def _to_ifu(self, sb: np.ndarray, psf: bool) -> np.ndarray:
         sb = self._psf(sb) if psf else sb
         ov = self.ov
         flux = np.bincount(ov.coarse, ov.weight * sb.ravel()[ov.fine] * self.p**2,
@@ -258,3 +267,170 @@ def deconvolve_source(image: xr.DataArray, lens: xr.Dataset, *, source_like: xr.
                        name=image.name, attrs={"units": source_like.attrs.get("units", ""),
                                                "method": f"Richardson-Lucy, {n_iter} iterations"})
     return out, {"mu": mu, "chi2_history": history, "n_iter": n_iter}
+
+
+# ---------------------------------------------------------------------------------------------
+# Parametric source model: the headline μ(Hα) (beyond the paper)
+# ---------------------------------------------------------------------------------------------
+
+def _sersic_b(n: float) -> float:
+    """b_n of the Sérsic profile (Ciotti & Bertin 1999, their eq. 18, good to 1e-6 for n > 0.36)."""
+    return 2.0 * n - 1.0 / 3.0 + 4.0 / (405.0 * n) + 46.0 / (25515.0 * n * n)
+
+
+def sersic_source(bx: np.ndarray, by: np.ndarray, params: np.ndarray) -> tuple[np.ndarray, float]:
+    """Elliptical Sérsic SB (1 at the effective radius) at ``(bx, by)`` and its total flux.
+
+    ``params = (x0, y0, log r_e, e1, e2, log n)``: centre (arcsec, lens frame), effective
+    radius (arcsec, geometric mean of the axes), ellipticity as a unit-determinant quadratic
+    form r² = a dx² + 2 b dx dy + c dy² (a, c = √(1+e²) ± e1, b = e2: no angle wrap, axis ratio
+    √(1+e²) − e), Sérsic index. Total flux 2π n r_e² e^{b_n} b_n^{−2n} Γ(2n) (Graham & Driver
+    2005, eq. 4; the unit-determinant form keeps the area).
+    """
+    from scipy.special import gammaln
+
+    x0, y0, log_re, e1, e2, log_n = (float(v) for v in params)
+    r_e, n = np.exp(log_re), np.exp(log_n)
+    dx, dy = bx - x0, by - y0
+    ch = np.sqrt(1.0 + e1 * e1 + e2 * e2)
+    r2 = ((ch + e1) * dx * dx + 2.0 * e2 * dx * dy + (ch - e1) * dy * dy) / (r_e * r_e)
+    b = _sersic_b(n)
+    sb = np.exp(-b * (np.power(np.maximum(r2, 0.0), 0.5 / n) - 1.0))
+    flux = 2.0 * np.pi * n * r_e**2 * np.exp(b + gammaln(2.0 * n) - 2.0 * n * np.log(b))
+    return sb, float(flux)
+
+
+def correlated_noise(shape: tuple[int, ...], rng: np.random.Generator,
+                     smooth_sigma_pix: float = 0.0) -> np.ndarray:
+    """Unit-variance Gaussian noise on the last two axes with the spatial correlation of maps
+    fitted on a cube smoothed by a Gaussian of ``smooth_sigma_pix`` (white noise when 0)."""
+    white = rng.standard_normal(shape)
+    if smooth_sigma_pix <= 0:
+        return white
+    from klever_nb.spectra import gaussian_kernel
+
+    kernel = gaussian_kernel(smooth_sigma_pix)
+    out = ndimage.convolve(white, kernel.reshape((1,) * (len(shape) - 2) + kernel.shape),
+                           mode="wrap")
+    return out / np.sqrt(np.sum(kernel**2))
+
+
+def parametric_source_mu(image: xr.DataArray, flux_err: xr.DataArray, lens: xr.Dataset, *,
+                         psf_fwhm_arcsec: float, ifu_wcs: str, subsample: int = 2,
+                         shift_arcsec: tuple[float, float] = (0.0, 0.0),
+                         smooth_sigma_pix: float = 0.0, n_boot: int = 30,
+                         sersic_n: float | None = None, seed: int = 0) -> dict:
+    """μ of a Sérsic source model fitted to the whole IFU map through lens + PSF + spaxels.
+
+    The model (:func:`sersic_source`, sampled at every ray of :class:`LensingOperator`) is fitted
+    by weighted least squares to every finite spaxel (no SNR selection, no positivity: the two
+    things that bias μ(Hα) and the Richardson–Lucy μ low in noisy data), its amplitude
+    linearly. μ = the model's PSF-convolved flux inside the IFU field / its total source flux:
+    the mock's definition of the true μ. The error is the scatter of μ over ``n_boot``
+    parametric-bootstrap refits (best model + noise of ``flux_err`` with the spatial
+    correlation of the cube smoothing, ``smooth_sigma_pix``), which also covers the
+    correlation between neighbouring spaxels that a χ² with independent pixels ignores.
+
+    Parameters
+    ----------
+    image, flux_err : xarray.DataArray
+        IFU line map (flux per spaxel) and its 1σ error on ``(y, x)``.
+    lens : xarray.Dataset
+        Lens maps at the source redshift.
+    psf_fwhm_arcsec : float
+        PSF of the map (seeing ⊕ any smoothing).
+    smooth_sigma_pix : float
+        σ (spaxels) of the Gaussian the cube was smoothed with (0: independent spaxels).
+    n_boot : int
+        Bootstrap refits for ``mu_err`` (0: no error).
+    sersic_n : float, optional
+        Fixed Sérsic index; default free (bounded to 0.3–6).
+
+    Returns
+    -------
+    dict
+        ``mu``, ``mu_err``, ``params`` (x0, y0, r_e [arcsec], e1, e2, n), ``source_flux``,
+        ``image_flux_model``, ``chi2_red``, ``n_spaxels``, ``n_boot``, ``mu_boot_median``.
+
+    Notes
+    -----
+    Model-dependent: a source that is not one smooth elliptical component (bright clumps far
+    from the centre) can bias μ; ``chi2_red`` ≫ 1 flags it. Measured on lensed mocks
+    (exponential discs, SIS and SIE + shear, μ 2–30, counter-images inside the cube, SNR 20 at
+    the peak): see ``tests/test_magnification_forward.py``.
+
+    References
+    ----------
+    Beyond K20 (§3.2.3 does not forward-model); Warren & Dye 2003 (source fitting through the
+    lens); Sérsic profile: Graham & Driver 2005; Ciotti & Bertin 1999.
+    """
+    from scipy import optimize
+
+    data = np.asarray(image.transpose("y", "x").values, float)
+    err = np.asarray(flux_err.transpose("y", "x").values, float)
+    good = np.isfinite(data) & np.isfinite(err) & (err > 0)
+    if good.sum() < 8:
+        raise InputError("parametric_source_mu: fewer than 8 spaxels with a finite flux and error")
+    dummy = SourceGrid(0.0, 0.0, 1.0, 2, 2)
+    op = LensingOperator(lens, dummy, psf_fwhm_arcsec=psf_fwhm_arcsec, ifu_wcs=ifu_wcs,
+                         ifu_shape=data.shape, subsample=subsample, shift_arcsec=shift_arcsec)
+    bx, by = op.beta
+    w = np.where(good, 1.0 / np.where(good, err, 1.0), 0.0)[good]
+
+    def unit_model(p):
+        sb, flux = sersic_source(bx, by, p)
+        return op.forward_rays(sb), flux
+
+    def fit(d, p0):
+        dd = d[good]
+
+        def resid(q):
+            p = q if sersic_n is None else np.append(q, np.log(sersic_n))
+            m = unit_model(p)[0][good]
+            amp = np.sum(w * w * m * dd) / max(np.sum(w * w * m * m), 1e-300)
+            return w * (dd - amp * m)
+
+        lo = [-np.inf, -np.inf, np.log(0.005), -3.0, -3.0, np.log(0.3)]
+        hi = [np.inf, np.inf, np.log(5.0), 3.0, 3.0, np.log(6.0)]
+        k = 6 if sersic_n is None else 5
+        q0 = np.clip(p0[:k], np.array(lo[:k]) + 1e-6, np.array(hi[:k]) - 1e-6)
+        res = optimize.least_squares(resid, q0, bounds=(lo[:k], hi[:k]),
+                                     x_scale=[0.05, 0.05, 0.3, 0.2, 0.2, 0.3][:k], diff_step=1e-3)
+        p = res.x if sersic_n is None else np.append(res.x, np.log(sersic_n))
+        m, flux = unit_model(p)
+        amp = np.sum(w * w * m[good] * dd) / max(np.sum(w * w * m[good] ** 2), 1e-300)
+        return p, amp, m, flux, float(np.sum(res.fun**2))
+
+    # start: the data-weighted mean and spread of the rays' β (all images land on the source)
+    ov = op.ov
+    lw = np.bincount(ov.fine, ov.weight * np.clip(np.where(good, data, 0.0), 0, None).ravel()[
+        ov.coarse], minlength=ov.n_fine)
+    lw = np.repeat(lw, op.s2)
+    if lw.sum() <= 0:
+        return {"mu": float("nan"), "mu_err": float("nan"), "message": "no positive flux"}
+    x0, y0 = float(np.sum(lw * bx) / lw.sum()), float(np.sum(lw * by) / lw.sum())
+    spread = float(np.sqrt(np.sum(lw * ((bx - x0) ** 2 + (by - y0) ** 2)) / lw.sum()))
+    n0 = 1.0 if sersic_n is None else sersic_n
+    starts = [np.array([x0, y0, np.log(max(f * spread, 0.01)), 0.0, 0.0, np.log(n0)])
+              for f in (0.3, 1.0)]
+    fits = [fit(data, p0) for p0 in starts]
+    p, amp, m, flux, chi2 = min(fits, key=lambda r: r[4])
+    mu = float(m.sum() / flux) if amp > 0 else float("nan")
+    n_dof = max(int(good.sum()) - (7 if sersic_n is None else 6), 1)
+    out = {"mu": mu, "params": [float(p[0]), float(p[1]), float(np.exp(p[2])), float(p[3]),
+                                float(p[4]), float(np.exp(p[5]))],
+           "source_flux": float(amp * flux), "image_flux_model": float(amp * m.sum()),
+           "chi2_red": chi2 / n_dof, "n_spaxels": int(good.sum()), "n_boot": int(n_boot)}
+    mus = []
+    if n_boot > 0 and np.isfinite(mu):
+        rng = np.random.default_rng(seed)
+        model = amp * m
+        noise = correlated_noise((n_boot, *data.shape), rng, smooth_sigma_pix)
+        for k in range(n_boot):  # refits (~0.1 s each), each vectorised over the rays
+            pk, ak, mk, fk, _ = fit(np.where(good, model + np.nan_to_num(err) * noise[k], np.nan),
+                                    p)
+            mus.append(float(mk.sum() / fk) if ak > 0 else np.nan)
+    mus = np.asarray(mus, float)
+    out["mu_err"] = float(np.nanstd(mus, ddof=1)) if np.isfinite(mus).sum() > 2 else float("nan")
+    out["mu_boot_median"] = float(np.nanmedian(mus)) if mus.size else float("nan")
+    return out

@@ -29,14 +29,20 @@ class NearCriticalWarning(UserWarning):
 # ---------------------------------------------------------------------------------------------
 
 def magnification_halpha(image_maps: xr.Dataset, source_maps: xr.Dataset, *,
-                         snr_min: float = 3.0, line: str = "Halpha") -> tuple[float, float]:
+                         snr_min: float = 3.0, line: str = "Halpha",
+                         smooth_sigma_pix: float = 0.0) -> tuple[float, float]:
     """μ(Hα): total image-plane over total source-plane Hα flux, over SNR > ``snr_min`` pixels.
 
     Image plane: Σ flux of the IFU spaxels with ``snr > snr_min``; source plane: Σ SB × source
     pixel area over source pixels with ``snr > snr_min``. For matching footprints, de-lens the
     SNR-selected image map (as :func:`reconstruct_source_plane` does). The error combines the
     two relative errors in quadrature (the paper's propagation; it ignores that both sums
-    come from the same data and that neighbouring source pixels are correlated).
+    come from the same data and that neighbouring source pixels are correlated). With
+    ``smooth_sigma_pix`` > 0 (maps fitted on a cube smoothed by that Gaussian, in spaxels) the
+    image-plane sum's error includes the spaxel correlations
+    (:func:`klever_nb.sfr.correlated_sum_error`) and the source-plane sum's relative error is
+    taken equal to it (the source pixels are a re-mapping of the same spaxels); 0 reproduces
+    the paper's propagation.
 
     References
     ----------
@@ -46,7 +52,14 @@ def magnification_halpha(image_maps: xr.Dataset, source_maps: xr.Dataset, *,
     img = image_maps.sel(line=line)
     sel = (img["snr"] > snr_min) & np.isfinite(img["flux"])
     f_img = float(img["flux"].where(sel).sum())
-    e_img = float(np.sqrt((img["flux_err"].where(sel) ** 2).sum()))
+    if smooth_sigma_pix > 0:
+        from klever_nb.sfr import correlated_sum_error
+
+        e_img = correlated_sum_error(img["flux_err"].transpose("y", "x").values,
+                                     sel.transpose("y", "x").values,
+                                     smooth_sigma_pix=smooth_sigma_pix)
+    else:
+        e_img = float(np.sqrt((img["flux_err"].where(sel) ** 2).sum()))
     src = source_maps.sel(line=line)
     area = float(source_maps.attrs["source_pixel_arcsec"]) ** 2
     sel_s = np.isfinite(src["flux"])
@@ -58,6 +71,8 @@ def magnification_halpha(image_maps: xr.Dataset, source_maps: xr.Dataset, *,
     if not (f_img > 0 and f_src > 0):
         return float("nan"), float("nan")
     mu = f_img / f_src
+    if smooth_sigma_pix > 0:
+        e_src = f_src * e_img / f_img
     return mu, mu * float(np.hypot(e_img / f_img, e_src / f_src))
 
 

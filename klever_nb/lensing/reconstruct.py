@@ -24,6 +24,7 @@ from klever_nb.lensing.magnification import (
 from klever_nb.lensing.maps import as_lens_grid, rescale_lens
 from klever_nb.lensing.psf import source_plane_psf
 from klever_nb.lensing.registration import _sb_attrs, rebin_to_lens_grid
+from klever_nb.sfr import smooth_sigma_pix
 
 # ---------------------------------------------------------------------------------------------
 # Top level
@@ -52,15 +53,6 @@ def _mu_halpha_mc(halpha: xr.Dataset, lens: xr.Dataset, *, snr_min: float, cube_
     f_img = np.nansum(draws, axis=(1, 2))
     f_src = src["flux"].sum(("ys", "xs")).values * source_pixel_arcsec**2
     return float(np.std(f_img / f_src, ddof=1))
-
-
-def _smooth_sigma_pix(line_maps: xr.Dataset) -> float:
-    """σ (spaxels) of the Gaussian the cube was smoothed with (``attrs`` of the fitted maps)."""
-    fwhm = float(line_maps.attrs.get("smooth_fwhm_arcsec", 0.0) or 0.0)
-    pix = float(line_maps.attrs.get("pixel_scale_arcsec", np.nan))
-    if fwhm <= 0 or not np.isfinite(pix) or pix <= 0:
-        return 0.0
-    return fwhm / (2.0 * np.sqrt(2.0 * np.log(2.0))) / pix
 
 
 def _at_source(lens: xr.Dataset, redshift: float, z_lens: float | None) -> xr.Dataset:
@@ -190,7 +182,7 @@ def reconstruct_source_plane(line_maps: xr.Dataset, lens: xr.Dataset, *, redshif
     lines = list(line_maps["line"].values)
     if method not in ("default", "k20"):
         raise ConfigError(f"method={method!r}: use 'default' or 'k20'")
-    smooth_sigma = _smooth_sigma_pix(line_maps)
+    smooth_sigma = smooth_sigma_pix(line_maps)
     mu, mu_err = float("nan"), float("nan")
     fwd: dict[str, Any] = {"mu": float("nan"), "mu_err": float("nan")}
     footprint = weights = None
