@@ -494,3 +494,71 @@ def test_sinfoni_mock_is_written_in_the_sinfoni_layout(tmp_path):
         assert hdul[0].header["INSTRUME"] == "SINFONI"
         assert hdul[0].header["CD2_2"] * 3600 == pytest.approx(0.25)
     assert load_galaxy(path).instrument == "SINFONI"
+
+
+# ---------------------------------------------------------------------------
+# Noiseless option and the strong-lensing grid (issue 21)
+# ---------------------------------------------------------------------------
+
+
+def test_noiseless_spec_writes_the_noiseless_cubes_with_the_noisy_noise_extension():
+    spec = _small(seed=5)
+    noisy = mock.make_mock(spec)
+    clean = mock.make_mock(dataclasses.replace(spec, noiseless=True))
+    np.testing.assert_array_equal(clean.cubes["H"]["flux"].values,
+                                  noisy.noiseless["H"]["flux"].values)
+    np.testing.assert_array_equal(clean.cubes["H"]["noise"].values,
+                                  noisy.cubes["H"]["noise"].values)
+    assert clean.truth["noiseless"] and not noisy.truth["noiseless"]
+    assert clean.truth["mu"] == noisy.truth["mu"]
+    assert not any(s.noiseless for s in mock.demo_specs())
+
+
+def test_lensed_images_of_an_sis_and_an_sie_quad():
+    sis = ParametricLens(({"type": "SIS", "theta_e": 1.0, "center_x": 0.1},))
+    images = mock.lensed_images(sis, (0.6, 0.0), half_size=3.0)
+    assert [round(im["mu"], 6) for im in images] == [3.0, -1.0]  # 1 +- theta_e / beta
+    assert images[0]["theta_x"] == pytest.approx(1.6) and images[1]["theta_x"] == pytest.approx(
+        -0.4)
+    assert mock.lensed_images(sis, (1.6, 0.0), half_size=3.0)[0]["mu"] == pytest.approx(1 + 1 / 1.5)
+    assert len(mock.lensed_images(sis, (1.6, 0.0), half_size=3.0)) == 1
+    sie = ParametricLens(({"type": "SIE", "theta_e": 1.0, "q": 0.7, "pa_deg": 20.0},))
+    quad = mock.lensed_images(sie, (0.02, 0.01), half_size=3.0)
+    assert len(quad) == 4
+    for im in quad:
+        bx, by = sie.ray_shoot(im["theta_x"], im["theta_y"])
+        assert (float(bx), float(by)) == pytest.approx((0.02, 0.01), abs=1e-7)
+        assert im["mu"] == pytest.approx(float(sie.magnification(im["theta_x"], im["theta_y"])))
+
+
+@pytest.fixture(scope="module")
+def strong_grid():
+    return mock.strong_lensing_specs(6)
+
+
+def test_strong_lensing_grid_is_deterministic_and_prefix_stable(strong_grid):
+    assert mock.strong_lensing_specs(3) == strong_grid[:3]
+    assert mock.strong_lensing_specs(2, seed=1) != strong_grid[:2]
+    assert [s.lens.components[0]["type"] for s in strong_grid] == ["SIS", "SIE"] * 3
+    assert [s.lens.components[-1]["type"] for s in strong_grid[1::2]] == ["SHEAR"] * 3
+    assert len({s.name for s in strong_grid}) == 6
+
+
+def test_strong_lensing_grid_meets_the_issue_21_ranges(strong_grid):
+    mus = []
+    for spec in strong_grid:
+        assert any(lo <= spec.redshift <= hi for lo, hi in mock.STRONG_LENSING_Z_WINDOWS)
+        assert spec.bands == ("YJ", "H", "K")
+        assert 0.45 <= spec.psf_fwhm_arcsec <= 0.70 and 8 <= spec.snr_halpha_peak <= 40
+        assert not spec.noiseless
+        half = 0.5 * spec.shape[0] * spec.pixel_scale_arcsec
+        assert 30 <= spec.shape[0] <= 40
+        images = mock.lensed_images(spec.lens, spec.centre_offset_arcsec, half_size=half + 1)
+        assert 2 <= len(images) <= 4
+        for im in images:  # every image (the counter-image too) inside the cube
+            assert max(abs(im["theta_x"]), abs(im["theta_y"])) < half - 0.5
+        mus.append(mock.halpha_magnification(spec))
+    assert mus[0] == pytest.approx(mock.make_mock(strong_grid[0]).truth["mu"], rel=1e-9)
+    assert 1.8 < min(mus) and max(mus) < 40 and max(mus) > 15
+    assert any(len(mock.lensed_images(s.lens, s.centre_offset_arcsec, half_size=4.0)) == 4
+               for s in strong_grid)
