@@ -35,8 +35,10 @@ Decisions (FACTS.md §1.2, §11):
 - SNR thresholds (K20 §4.2): 5 on Halpha and [OIII]5007, 2.5 on every other
   line. Doublets that enter as a sum ([OII], [SII]) are tested on the SNR of
   the sum; a tied [OIII]4959 is not tested (it has no independent SNR).
-- Errors of different lines are taken as independent (no covariance between
-  the members of a doublet is available from the line maps).
+- Errors of different lines are independent, except the two members of a
+  ratio-bounded doublet ([SII], [OII]) fitted together: their covariance comes from
+  the fitter's ``pair_sum_err`` (the 1σ of their sum), cov = (σ_sum² − σ_a² − σ_b²)/2,
+  and enters both the SNR of the summed species and the error of the ratio.
 """
 
 from __future__ import annotations
@@ -229,6 +231,28 @@ def _line_arrays(maps: xr.Dataset, line: str, use_detected: bool = False
     return flux, err, snr
 
 
+def _pair_covariances(maps: xr.Dataset, definition: DiagnosticDef,
+                      err: dict[str, xr.DataArray]) -> dict[tuple[str, str], xr.DataArray]:
+    """Covariance of the two members of each summed doublet, from the fitter's ``pair_sum_err``.
+
+    cov(F_a, F_b) = (σ_sum² − σ_a² − σ_b²) / 2 (clipped to the Cauchy–Schwarz bound). Pairs
+    without ``pair_sum_err`` in the maps get none (independent errors).
+    """
+    out: dict[tuple[str, str], xr.DataArray] = {}
+    if "pair_sum_err" not in maps:
+        return out
+    for species in definition.species:
+        members = tuple(line for line, _ in species)
+        if len(members) != 2 or not all(m in err for m in members):
+            continue
+        sigma_sum = maps["pair_sum_err"].sel(line=members[0], drop=True).astype(float)
+        a, b = err[members[0]], err[members[1]]
+        cov = 0.5 * (sigma_sum**2 - a**2 - b**2)
+        bound = a * b
+        out[members] = cov.clip(-bound, bound).fillna(0.0)
+    return out
+
+
 def observed_log_ratio(
     maps: xr.Dataset,
     diagnostic: str,
@@ -331,6 +355,7 @@ def observed_log_ratio(
     for line in involved + extra:
         flux[line], err[line], snr[line] = _line_arrays(maps, line, use_detected)
     template = flux[involved[0]]
+    pair_cov = _pair_covariances(maps, definition, err)
 
     # --- usability: finite, positive, SNR thresholds on each species (doublets summed)
     usable = xr.ones_like(template, dtype=bool)
@@ -344,13 +369,16 @@ def observed_log_ratio(
             species_snr = snr[members[0]]
         else:
             total = sum(flux[m] for m in members)
-            noise = np.sqrt(sum(err[m] ** 2 for m in members))
+            noise = np.sqrt(sum(err[m] ** 2 for m in members)
+                            + 2 * pair_cov.get(tuple(members), 0.0))
             with np.errstate(divide="ignore", invalid="ignore"):
                 species_snr = total / noise
         usable = usable & (species_snr.fillna(-np.inf) >= threshold)
 
     with np.errstate(divide="ignore", invalid="ignore"):
         rel_err = {line: err[line] / (np.abs(flux[line]) * LN10) for line in flux}  # sigma(log F)
+        rel_cov = {pair: cov / (np.abs(flux[pair[0]]) * np.abs(flux[pair[1]]) * LN10**2)
+                   for pair, cov in pair_cov.items()}  # cov(log F_a, log F_b)
 
     # --- dust correction of the fluxes that enter the ratio (relative errors unchanged)
     k = {line: k_of_line(line, law=law, r_v=r_v) for line in involved + (
@@ -399,6 +427,10 @@ def observed_log_ratio(
         for line, derivative in jac.items():
             rel = rel_err[line].broadcast_like(template).values
             variance = variance + np.where(derivative == 0, 0.0, derivative * rel) ** 2
+        for (a, b), cov in rel_cov.items():
+            if a in jac and b in jac:
+                cross = 2 * jac[a] * jac[b] * cov.broadcast_like(template).values
+                variance = variance + np.nan_to_num(cross)
     if ebv is not None and ebv_err is not None:
         sig_e = np.broadcast_to(np.asarray(
             ebv_err.broadcast_like(template).values if isinstance(ebv_err, xr.DataArray)

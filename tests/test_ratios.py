@@ -217,3 +217,26 @@ def test_balmer_chain_rule_error_matches_monte_carlo():
     assert float(value.std()) == pytest.approx(predicted, rel=0.03)
     assert independent < 0.85 * predicted  # treating E(B-V) as independent underestimates
     assert balmer_constant() == pytest.approx(2.329, abs=0.001)
+
+
+def test_doublet_covariance_from_the_fitter_enters_the_s2_error():
+    """[SII] members fitted together are anti-correlated; the fitter's pair_sum_err carries it.
+    The S2 error must match a Monte-Carlo of correlated member fluxes (it was the
+    independent-error value, 1.5x too large here)."""
+    rng = np.random.default_rng(4)
+    f_a, f_b, f_h = 30.0, 22.0, 200.0
+    s_a, s_b, s_h, rho = 4.0, 4.0, 2.0, -0.7
+    cov = rho * s_a * s_b
+    sum_err = np.sqrt(s_a**2 + s_b**2 + 2 * cov)
+    lines = ["Halpha", "SII_6717", "SII_6731"]
+    maps = xr.Dataset({"flux": ("line", [f_h, f_a, f_b]), "flux_err": ("line", [s_h, s_a, s_b]),
+                       "pair_sum_err": ("line", [np.nan, sum_err, sum_err])},
+                      coords={"line": lines})
+    _, err, usable = observed_log_ratio(maps, "S2", snr_min_strong=0.0, snr_min_weak=0.0)
+    draws = rng.multivariate_normal([f_a, f_b], [[s_a**2, cov], [cov, s_b**2]], 200_000)
+    halpha = f_h + s_h * rng.standard_normal(200_000)
+    mc = np.std(np.log10(draws.sum(axis=1) / halpha))
+    assert bool(usable) and float(err) == pytest.approx(mc, rel=0.03)
+    independent = observed_log_ratio(maps.drop_vars("pair_sum_err"), "S2", snr_min_strong=0.0,
+                                     snr_min_weak=0.0)[1]
+    assert float(independent) > 1.3 * mc
