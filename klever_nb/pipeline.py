@@ -346,7 +346,7 @@ def _lens_stage(maps: xr.Dataset, cfg: GalaxyConfig, lens: xr.Dataset | None,
         source, info = lensing.reconstruct_source_plane(
             line_maps, lens, redshift=cfg.redshift, cube_wcs=cube_wcs,
             psf_fwhm_arcsec=psf_fwhm, source_pixel_arcsec=s.source_pixel_arcsec,
-            alternatives=alternatives, shift_arcsec=shift)
+            alternatives=alternatives, shift_arcsec=shift, method=s.method)
         info.update(hst_info)
     if continuum is not None:
         source["continuum"] = source["flux"].sel(line=_CONTINUUM_LINE, drop=True)
@@ -397,7 +397,7 @@ def _hst_registration(maps: xr.Dataset, lens: xr.Dataset, cfg: GalaxyConfig,
                                          cube_wcs=cube_wcs)
     pixel = float(hst.attrs["pixel_scale_arcsec"])
     hst_psf = float(hst.attrs.get("psf_fwhm_arcsec", 0.0))
-    blur = np.sqrt(max(cfg.psf_fwhm_arcsec**2 - hst_psf**2, 0.0)) / 2.3548200450309493 / pixel
+    blur = np.sqrt(max(cfg.psf_fwhm_arcsec**2 - hst_psf**2, 0.0)) / constants.FWHM_PER_SIGMA / pixel
     reference = ndimage.gaussian_filter(np.nan_to_num(hst.values.astype(float)), blur)
     rows, cols = on_grid["ly"].values.astype(int), on_grid["lx"].values.astype(int)
     dy, dx = align.cross_correlation_shift(
@@ -560,9 +560,11 @@ def _forward_gradient(maps, source, cfg, lens, summary) -> dict:
     ifu_shape = (image.sizes["y"], image.sizes["x"])
     pix = float(maps.attrs["pixel_scale_arcsec"])
     if lens is not None:
+        # the IFU maps sit where the HST registration (K20 §3.2.2) put them for the source maps
+        shift = tuple(summary.get("shift_arcsec", (0.0, 0.0)))
         operator, grid = forward_gradient.lens_forward_from_lensing(
             lens, source_maps=source, psf_fwhm_arcsec=cfg.psf_fwhm_arcsec,
-            ifu_wcs=maps.attrs.get("wcs", ""), ifu_shape=ifu_shape)
+            ifu_wcs=maps.attrs.get("wcs", ""), ifu_shape=ifu_shape, shift_arcsec=shift)
     else:
         scale = kpc_per_arcsec(cfg.redshift)
         cx, cy = source.attrs.get("centre_beta_arcsec", [0.0, 0.0])
@@ -598,6 +600,9 @@ def _forward_gradient(maps, source, cfg, lens, summary) -> dict:
     if result.get("band_shifts_pix"):
         out["gradient_forward_band_shifts_pix"] = {
             band: [float(v) for v in shift] for band, shift in result["band_shifts_pix"].items()}
+        out["gradient_forward_band_shifts_err_pix"] = {
+            band: [float(v) for v in err]
+            for band, err in result.get("band_shifts_err_pix", {}).items()}
     return out
 
 

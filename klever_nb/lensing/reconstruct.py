@@ -311,6 +311,7 @@ def unlensed_source_maps(line_maps: xr.Dataset, *, redshift: float, psf_fwhm_arc
                      redshift=float(redshift))
     fwhm_kpc = float(psf_fwhm_arcsec) * scale
     summary = {"mu_halpha": 1.0, "mu_halpha_err": 0.0, "mu_maps": 1.0, "mu_maps_spread": 0.0,
+               "mu_halpha_k20": 1.0, "mu_maps_k20": 1.0, "mu_halpha_method": "unlensed",
                "near_critical": False, "source_psf_fwhm_kpc": [fwhm_kpc, fwhm_kpc],
                "source_psf_theta_deg": 0.0, "source_psf_pa_deg_east_of_north": 0.0,
                "source_psf_fwhm_arcsec": float(psf_fwhm_arcsec), "shift_arcsec": [0.0, 0.0]}
