@@ -396,11 +396,41 @@ def _fit_all(model: BandModel, flux, noise, skymask, settings, fallback, chunk_s
         run(redo, lambda m, th, yw_, w_, st, fz: _fit_fixed(m, th, yw_, w_, st, fz),
             theta0, frozen)
     frozen_all = np.repeat(out["forced"], 2, axis=1)
+    _free_ratio_errors(model, out, np.flatnonzero(valid & (out["combo"] > 0)), yw, w,
+                       frozen_all, chunk)
     n_par = np.array([m.shape[1] for m in model.full_maps])[out["combo"]]
     out["dof"] = good.sum(axis=1) - n_par - (nt - frozen_all.sum(axis=1))
     out["good"] = good
     out["valid"] = valid
     return out
+
+
+def _free_ratio_errors(model: BandModel, out: dict, rows_all, yw, w, frozen_all,
+                       chunk: int) -> None:
+    """Per-line flux errors of ratio-bounded pairs that sit on a bound: with the ratio free.
+
+    On a bound the pair is re-solved with ``F_num = bound * F_den``, and the covariance of
+    that solve has ``err_num = bound * err_den``: it ignores that the split of the doublet
+    is unconstrained by the data. At low SNR the split sits on a bound in ~40 % of the
+    spaxels and [SII]6717 (bound 0.4) got errors 2.5x too small: mean pull -2.5 at true
+    SNR 3-10 on lensed mocks. The errors of both lines of such a pair now come from the
+    unconstrained solve at the same (v, sigma); the fluxes (on the bound) and
+    ``pair_sum_err`` (the doublet sum, well measured either way) are unchanged.
+    """
+    if not model.bounded or rows_all.size == 0:
+        return
+    pair_lines = sorted({j for num, den, _, _ in model.bounded for j in (num, den)})
+    for start in range(0, rows_all.size, chunk):
+        rows = rows_all[start:start + chunk]
+        theta, frozen = out["theta"][rows], frozen_all[rows]
+        state = _take(_evaluate(model, theta, yw[rows], w[rows], True, frozen, bounded=False),
+                      slice(None))
+        var_free, _ = _covariance(model, theta, state, frozen)
+        for j in pair_lines:
+            bounded_var = out["var_coef"][rows, j]
+            out["var_coef"][rows, j] = np.where(np.isfinite(var_free[:, j]),
+                                                np.maximum(var_free[:, j], bounded_var),
+                                                bounded_var)
 
 
 def _line_model(model: BandModel, theta, coef) -> np.ndarray:
