@@ -10,6 +10,7 @@ the global O/H, the PSF model of mu). The grid-wide statistics are in
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -94,3 +95,31 @@ def test_global_metallicity_matches_the_truth(run):
     err = max(err) if isinstance(err, list) else err
     _check(summary.get("global_oh"), err, truth["global_oh"], FLOOR["global_oh"],
            "global 12+log(O/H)")
+
+
+def test_benchmark_jacobian_source_psf_of_an_sis():
+    """The benchmark's source-PSF prediction: FWHM along the radial axis, FWHM / mu_t across."""
+    import importlib.util
+    from pathlib import Path
+
+    from klever_nb import cosmology
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_strong_lensing.py"
+    loader = importlib.util.spec_from_file_location("bench_strong_lensing", path)
+    bench = importlib.util.module_from_spec(loader)
+    loader.loader.exec_module(bench)
+    sis = ParametricLens(({"type": "SIS", "theta_e": 1.0},))
+    spec = mock.MockSpec(name="psf", redshift=1.5, shape=(30, 30), lens=sis, z_lens=0.5,
+                         centre_offset_arcsec=(0.0, 1.5))  # outside the cut: one image
+    kpc = cosmology.kpc_per_arcsec(1.5)
+    pred = bench.psf_prediction(spec, 0.6)
+    assert len(pred["images"]) == 1 and pred["images"][0]["mu"] == pytest.approx(1 + 1 / 1.5)
+    for key in ("brightest_kpc", "stack_kpc", "stack_moments_kpc"):
+        assert pred[key] == pytest.approx([0.6 * kpc, 0.6 * kpc / (1 + 1 / 1.5)], rel=1e-3)
+    assert pred["stack_theta_deg"] == pytest.approx(90.0, abs=0.1)  # radial = +y here
+    double = bench.psf_prediction(dataclasses.replace(spec, centre_offset_arcsec=(0.0, 0.5)),
+                                  0.6)
+    assert [round(im["mu"], 6) for im in double["images"]] == [3.0, -1.0]
+    assert double["brightest_kpc"] == pytest.approx([0.6 * kpc, 0.2 * kpc], rel=1e-3)
+    # the round PSF of the mu = -1 counter-image widens the stack's minor axis
+    assert 0.2 * kpc < double["stack_kpc"][1] < double["stack_moments_kpc"][1] < 0.6 * kpc
