@@ -493,6 +493,24 @@ def figure(rows: list[dict], summary: dict, path: Path) -> None:
 # ---------------------------------------------------------------------------
 
 
+def _code_version() -> dict:
+    """The commit and uncommitted package files the run measured (the package moves fast)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True,
+                                  timeout=20).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    status = git("status", "--porcelain", "--", "klever_nb")
+    return {"commit": git("rev-parse", "HEAD"),
+            "uncommitted_package_files": status.splitlines() if status else []}
+
+
 def _write(result: dict, out: Path, stem: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / f".{stem}.json.tmp"
@@ -533,7 +551,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows: list[dict] = []
     base = {"benchmark": "strong_lensing", "quick": args.quick, "n_requested": n,
             "seed": args.seed, "jobs": args.jobs, "noiseless_reference": not args.no_noiseless,
-            "spec_generation_s": t_specs,
+            "spec_generation_s": t_specs, "code_version": _code_version(),
             "grid": [{"name": s.name, "lens": [dict(c) for c in s.lens.components],
                       "redshift": s.redshift, "snr_halpha_peak": s.snr_halpha_peak,
                       "psf_fwhm_arcsec": s.psf_fwhm_arcsec,
