@@ -1,9 +1,10 @@
 """Injection-recovery on strongly lensed mocks: gradients, magnifications, source PSF, SFR.
 
 Issue 21 "What it must show". Each galaxy of :func:`klever_nb.mock.strong_lensing_specs`
-(SIS and SIE + external shear; sources near and on caustics with 1-4 point images, the
-counter-image inside the 30 x 30 spaxel cube; true mu ~2-35; random source, lens and shear
-angles; z in the K20 §2 windows; Halpha peak SNR 8-40; seeing 0.45-0.7") is written as real
+(SIS and SIE + external shear; sources near and on caustics with 2-4 point images, the
+counter-image inside the cube: 24-30 spaxels of 0.2", >= 0.8" beyond every image; true mu
+~2-35; random source, lens and shear angles; z in the K20 §2 windows; Halpha peak SNR 8-40;
+seeing 0.45-0.7") is written as real
 files (:func:`klever_nb.mock.write_mock`) and run through the real pipeline
 (:func:`klever_nb.pipeline.run_galaxy`, default settings: the paper's 0.4" smoothing) twice:
 

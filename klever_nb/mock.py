@@ -978,9 +978,15 @@ def demo_specs(*, seed: int = 0) -> list[MockSpec]:
 STRONG_LENSING_Z_WINDOWS = ((1.32, 1.62), (2.02, 2.40))
 #: Total-magnification range the grid aims at (issue 21: 2 to 30).
 STRONG_LENSING_MU_RANGE = (2.0, 30.0)
-#: Cube of the strong-lensing mocks: 30 x 30 KMOS spaxels (6"), enough for an arc and its
-#: counter-image around an Einstein radius of <= 1.3" (KMOS mosaics reach ~ 6-8").
+#: Largest cube of the strong-lensing mocks: 30 x 30 KMOS spaxels (6"), enough for an arc and
+#: its counter-image around an Einstein radius of <= 1.3" (KMOS mosaics reach ~ 6-8"); the
+#: magnification targeting runs on it.
 STRONG_LENSING_SHAPE = (30, 30)
+#: Each mock's cube is cropped (square, even side, at least this many spaxels) to the point
+#: images of its centre plus :data:`STRONG_LENSING_CUBE_MARGIN_ARCSEC` (the pipeline's cost
+#: grows with the spaxels).
+STRONG_LENSING_MIN_SIDE = 24
+STRONG_LENSING_CUBE_MARGIN_ARCSEC = 0.8
 
 
 def lensed_images(lens: ParametricLens, beta: tuple[float, float], *, half_size: float,
@@ -1087,8 +1093,10 @@ def strong_lensing_specs(n: int, *, seed: int = 0,
     0.45-0.7" (the pipeline's 0.4" smoothing comes on top), Halpha peak SNR 8-40
     (log-uniform; K20's galaxies span this), E(B-V) 0.05-0.4.
 
-    The cube (:data:`STRONG_LENSING_SHAPE`) holds every point image of the galaxy centre
-    (:func:`lensed_images`): the counter-image of a multiply imaged source is inside it.
+    The cube holds every point image of the galaxy centre (:func:`lensed_images`) with
+    :data:`STRONG_LENSING_CUBE_MARGIN_ARCSEC` to spare (square, between
+    :data:`STRONG_LENSING_MIN_SIDE` and ``shape`` spaxels): the counter-image of a multiply
+    imaged source is inside it.
 
     Examples
     --------
@@ -1150,7 +1158,13 @@ def strong_lensing_specs(n: int, *, seed: int = 0,
             r = float(radii[int(np.argmin(miss))]) if np.isfinite(miss).any() \
                 else float(radii[int(np.argmin(mus))])
         centre = (round(cx + r * math.cos(phi), 5), round(cy + r * math.sin(phi), 5))
-        specs.append(replace(base, centre_offset_arcsec=centre))
+        images = lensed_images(lens, centre, half_size=half + 1.0)
+        reach = max(max(abs(im["theta_x"]), abs(im["theta_y"])) for im in images)
+        side = 2 * int(math.ceil((reach + STRONG_LENSING_CUBE_MARGIN_ARCSEC)
+                                 / base.pixel_scale_arcsec))  # half side >= reach + margin
+        side = int(np.clip(side, STRONG_LENSING_MIN_SIDE, max(shape)))
+        specs.append(replace(base, centre_offset_arcsec=centre, shape=(side, side),
+                             lens_map_size_arcsec=0.2 * side + 1.6))
     return specs
 
 

@@ -552,11 +552,13 @@ def test_strong_lensing_grid_meets_the_issue_21_ranges(strong_grid):
         assert 0.45 <= spec.psf_fwhm_arcsec <= 0.70 and 8 <= spec.snr_halpha_peak <= 40
         assert not spec.noiseless
         half = 0.5 * spec.shape[0] * spec.pixel_scale_arcsec
-        assert 30 <= spec.shape[0] <= 40
+        assert mock.STRONG_LENSING_MIN_SIDE <= spec.shape[0] == spec.shape[1] <= 30
+        assert spec.lens_map_size_arcsec > spec.shape[0] * spec.pixel_scale_arcsec + 1
         images = mock.lensed_images(spec.lens, spec.centre_offset_arcsec, half_size=half + 1)
         assert 2 <= len(images) <= 4
         for im in images:  # every image (the counter-image too) inside the cube
-            assert max(abs(im["theta_x"]), abs(im["theta_y"])) < half - 0.5
+            assert max(abs(im["theta_x"]), abs(im["theta_y"])) \
+                <= half - mock.STRONG_LENSING_CUBE_MARGIN_ARCSEC + 1e-9
         mus.append(mock.halpha_magnification(spec))
     assert mus[0] == pytest.approx(mock.make_mock(strong_grid[0]).truth["mu"], rel=1e-9)
     assert 1.8 < min(mus) and max(mus) < 40 and max(mus) > 15
