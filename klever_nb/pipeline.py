@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
-from dataclasses import asdict
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -25,7 +26,7 @@ import xarray as xr
 from klever_nb import __version__, constants
 from klever_nb.config import METHODS, GalaxyConfig, load_galaxy, load_sample
 from klever_nb.errors import ConfigError, InputError, KleverError
-from klever_nb.io import read_datatree, read_netcdf, write_json, write_netcdf, write_text
+from klever_nb.io import read_netcdf, write_json, write_netcdf, write_text
 from klever_nb.io.cubes import open_cube
 
 
@@ -53,16 +54,6 @@ def _config_hash(cfg: GalaxyConfig) -> str:
         for folder in cfg.lens.models:
             files += sorted(folder.glob("*.fits"))
     return _hash(__version__, [(str(p), _file_fingerprint(p)) for p in files])
-
-
-def _cached(path: Path, stage_hash: str, force: bool) -> xr.Dataset | None:
-    if force or not path.is_file():
-        return None
-    try:
-        ds = read_netcdf(path)
-    except Exception:  # an unreadable old product is simply recomputed
-        return None
-    return ds if ds.attrs.get("input_hash") == stage_hash else None
 
 
 def _versions() -> dict[str, str]:
@@ -128,17 +119,53 @@ def read_lens(cfg: GalaxyConfig, cube_wcs: str,
 # ---------------------------------------------------------------------------
 # One galaxy
 # ---------------------------------------------------------------------------
-def _stage(products: Path, name: str, stage_hash: str, force: bool,
-           compute: Callable[[], xr.Dataset]) -> xr.Dataset:
-    path = products / name
-    cached = _cached(path, stage_hash, force)
-    if cached is not None:
-        return cached
-    ds = compute()
-    ds.attrs["input_hash"] = stage_hash
-    ds.attrs["klever_nb_version"] = __version__
+@dataclass(frozen=True)
+class StageResult:
+    """What one stage hands to the next: its product and its summary fields (read-only).
+
+    ``data`` is the stage's Dataset (line maps, source-plane maps, metallicity map, profile)
+    or None when a cached stage's product is not needed downstream; ``summary`` holds the
+    fields the stage contributes to ``summary.json``.
+    """
+
+    data: xr.Dataset | None
+    summary: Mapping[str, Any]
+
+
+#: Exceptions that make a cached product unusable (it is then recomputed, never trusted).
+_UNREADABLE = (OSError, ValueError, KeyError, RuntimeError)
+
+
+def _run_stage(products: Path, stage: str, stage_hash: str, force: bool, *,
+               compute: Callable[[], StageResult], write: Callable[[StageResult], None],
+               read: Callable[[], xr.Dataset | None], files: tuple[str, ...]) -> StageResult:
+    """The one caching mechanism of every stage.
+
+    A stage's files are written first (each atomically), then its record
+    ``.<stage>.json`` (input hash, summary fields). The stage is up to date when the record
+    holds ``stage_hash`` and every file exists and reads back; a run killed between the
+    files and the record leaves no valid record, so the stage is recomputed.
+    """
+    record_path = products / f".{stage}.json"
+    if not force and record_path.is_file():
+        try:
+            record = json.loads(record_path.read_text())
+            if record.get("input_hash") == stage_hash and \
+                    all((products / name).is_file() for name in files):
+                return StageResult(read(), MappingProxyType(record["summary"]))
+        except _UNREADABLE:
+            pass  # an unreadable record or product is recomputed
+    result = compute()
+    write(result)
+    write_json({"input_hash": stage_hash, "klever_nb_version": __version__,
+                "summary": dict(result.summary)}, record_path)
+    return StageResult(result.data, MappingProxyType(dict(result.summary)))
+
+
+def _write_dataset(ds: xr.Dataset, path: Path, stage_hash: str) -> None:
+    ds = ds.copy()
+    ds.attrs.update(input_hash=stage_hash, klever_nb_version=__version__)
     write_netcdf(ds, path)
-    return ds
 
 
 def run_galaxy(config_path: str | Path, out_dir: str | Path, *, force: bool = False,
@@ -178,41 +205,51 @@ def run_galaxy(config_path: str | Path, out_dir: str | Path, *, force: bool = Fa
     products = Path(out_dir) / cfg.name
     products.mkdir(parents=True, exist_ok=True)
     base_hash = _hash(_config_hash(cfg), asdict(settings))
-    stages = ["cubes", "line fitting", "source plane", "metallicity", "gradient"]
+    stages = ["line fitting", "source plane", "metallicity", "gradient"]
     bar = tqdm(total=len(stages), desc=cfg.name, disable=(None if progress is None
                                                           else not progress), leave=False)
-    summary: dict[str, Any] = {"name": cfg.name, "redshift": cfg.redshift,
-                               "lensed": cfg.lensed, "instrument": cfg.instrument,
-                               "config_path": str(cfg.path)}
 
-    fit_hash = _hash(base_hash, "fit")
-    maps = _stage(products, "line_maps.nc", fit_hash, force, lambda: _fit_stage(tree, cfg))
-    summary.update(_integrated_summary(maps))
+    def stage_hash(stage: str) -> str:
+        return _hash(base_hash, stage)
+
+    def write_fit(result: StageResult) -> None:
+        _write_dataset(result.data, products / "line_maps.nc", stage_hash("fit"))
+        shifts = json.loads(result.data.attrs.get("alignment_shifts", "{}"))
+        write_netcdf(_aligned_cubes(tree, shifts), products / "cubes_aligned.nc")
+
+    fit = _run_stage(products, "fit", stage_hash("fit"), force,
+                     compute=lambda: _fit_stage(tree, cfg), write=write_fit,
+                     read=lambda: read_netcdf(products / "line_maps.nc"),
+                     files=("line_maps.nc", "cubes_aligned.nc"))
     bar.update()
-
-    cubes_path = products / "cubes_aligned.nc"
-    if force or not cubes_path.is_file() or \
-            read_datatree(cubes_path).attrs.get("input_hash") != fit_hash:
-        aligned = _aligned_cubes(tree, json.loads(maps.attrs.get("alignment_shifts", "{}")))
-        aligned.attrs["input_hash"] = fit_hash
-        write_netcdf(aligned, cubes_path)
+    lensed = _run_stage(
+        products, "lens", stage_hash("lens"), force,
+        compute=lambda: _lens_stage(fit.data, cfg, lens, alternatives, cube_wcs, tree),
+        write=lambda r: _write_dataset(r.data, products / "source_maps.nc", stage_hash("lens")),
+        read=lambda: read_netcdf(products / "source_maps.nc"), files=("source_maps.nc",))
     bar.update()
-
-    source = _stage(products, "source_maps.nc", _hash(base_hash, "lens"), force,
-                    lambda: _lens_stage(maps, cfg, lens, alternatives, cube_wcs, tree))
-    summary.update(json.loads(source.attrs.get("lensing_summary", "{}")))
+    metal = _run_stage(
+        products, "metallicity", stage_hash("metallicity"), force,
+        compute=lambda: _metallicity_stage(fit.data, lensed.data, cfg, lensed.summary),
+        write=lambda r: _write_dataset(r.data, products / "metallicity.nc",
+                                       stage_hash("metallicity")),
+        read=lambda: read_netcdf(products / "metallicity.nc"), files=("metallicity.nc",))
     bar.update()
-
-    metal = _stage(products, "metallicity.nc", _hash(base_hash, "metallicity"), force,
-                   lambda: _metallicity_stage(maps, source, cfg, summary))
-    summary.update(json.loads(metal.attrs.get("metallicity_summary", "{}")))
-    bar.update()
-
-    summary.update(_gradient_stage(products, metal, source, maps, cfg, lens, summary,
-                                   _hash(base_hash, "gradient"), force))
+    gradient = _run_stage(
+        products, "gradient", stage_hash("gradient"), force,
+        compute=lambda: _gradient_stage(metal.data, lensed.data, fit.data, cfg, lens,
+                                        lensed.summary, metal.summary),
+        write=lambda r: _write_gradient_products(
+            r, products, figure=lambda: _gradient_figure(r, metal, lensed, cfg)),
+        read=lambda: None, files=("profile.csv", "gradient.png"))
     bar.update()
     bar.close()
 
+    summary: dict[str, Any] = {"name": cfg.name, "redshift": cfg.redshift,
+                               "lensed": cfg.lensed, "instrument": cfg.instrument,
+                               "config_path": str(cfg.path)}
+    for result in (fit, lensed, metal, gradient):
+        summary.update(result.summary)
     summary["properties"] = cfg.properties
     summary["settings"] = asdict(settings)
     summary["versions"] = _versions()
@@ -230,7 +267,8 @@ def _aligned_cubes(tree: xr.DataTree, shifts: dict[str, list[float]]) -> xr.Data
     return xr.DataTree.from_dict(children)
 
 
-def _fit_stage(tree: xr.DataTree, cfg: GalaxyConfig) -> xr.Dataset:
+def _fit_stage(tree: xr.DataTree, cfg: GalaxyConfig) -> StageResult:
+    """Line maps of every band (K20 §3.1) and the integrated fluxes' summary fields."""
     from klever_nb import fitting
 
     s = cfg.analysis
@@ -244,7 +282,7 @@ def _fit_stage(tree: xr.DataTree, cfg: GalaxyConfig) -> xr.Dataset:
     for name in ("flux", "flux_err", "snr", "detected", "upper_limit", "velocity", "sigma"):
         if name in integrated:
             maps[f"integrated_{name}"] = integrated[name]
-    if s.forward_gradient and s.smooth_fwhm_arcsec > 0:
+    if s.forward_gradient and s.method != "k20" and s.smooth_fwhm_arcsec > 0:
         # The forward model compares with independent pixel errors and the image PSF alone:
         # smoothed maps (correlated noise, extra blur) bias it (measured on the demo mocks:
         # -0.06 instead of -0.02 dex/kpc), so it gets maps fitted without smoothing.
@@ -259,9 +297,10 @@ def _fit_stage(tree: xr.DataTree, cfg: GalaxyConfig) -> xr.Dataset:
     for key in ("pixel_scale_arcsec", "wcs"):
         if key in first.attrs:
             maps.attrs.setdefault(key, first.attrs[key])
-    maps.attrs["integrated_attrs"] = json.dumps({k: v for k, v in integrated.attrs.items()
-                                                 if isinstance(v, str | int | float)})
-    return maps
+    for key, value in integrated.attrs.items():  # pseudo-fibre settings and results
+        if isinstance(value, str | int | float):
+            maps.attrs[f"integrated_{key}"] = value
+    return StageResult(maps, _integrated_summary(maps))
 
 
 def _integrated_summary(maps: xr.Dataset) -> dict:
@@ -319,7 +358,7 @@ def _continuum_map(tree: xr.DataTree, maps: xr.Dataset) -> xr.Dataset | None:
 
 
 def _lens_stage(maps: xr.Dataset, cfg: GalaxyConfig, lens: xr.Dataset | None,
-                alternatives: list[xr.Dataset], cube_wcs: str, tree: xr.DataTree) -> xr.Dataset:
+                alternatives: list[xr.Dataset], cube_wcs: str, tree: xr.DataTree) -> StageResult:
     """Source-plane maps (with the H continuum as ``continuum``) and the lensing summary.
 
     The PSF handed to the reconstruction is the one the fitted maps have: seeing ⊕ the
@@ -359,8 +398,7 @@ def _lens_stage(maps: xr.Dataset, cfg: GalaxyConfig, lens: xr.Dataset | None,
                     continuum_peak_snr=continuum.attrs["peak_snr"])
     info["source_psf_from"] = ("seeing only (K20)" if s.method == "k20" else
                                "seeing and the spatial smoothing of the fitted maps")
-    source.attrs["lensing_summary"] = json.dumps(info, default=float)
-    return source
+    return StageResult(source, _plain(info))
 
 
 #: A registration offset larger than this is not trusted (KMOS IFUs are placed to ~0.2").
@@ -412,7 +450,7 @@ def _hst_registration(maps: xr.Dataset, lens: xr.Dataset, cfg: GalaxyConfig,
 
 
 def _metallicity_stage(maps: xr.Dataset, source: xr.Dataset, cfg: GalaxyConfig,
-                       summary: dict) -> xr.Dataset:
+                       lensing_info: Mapping[str, Any]) -> StageResult:
     """Dust, metallicity map (source plane), global metallicity and SFR (K20 §3.3-3.4, §4.2)."""
     from klever_nb import dust, metallicity, sfr
 
@@ -437,7 +475,6 @@ def _metallicity_stage(maps: xr.Dataset, source: xr.Dataset, cfg: GalaxyConfig,
                  "agn_like_pixels": int(metal["agn_like"].sum()),
                  "agn_pixels_excluded": int(metal["agn_excluded"].sum())})
     info.update({k: v for k, v in dust_info.items() if k not in ("ebv", "ebv_err")})
-    lensing_info = json.loads(source.attrs.get("lensing_summary", "{}"))
     # the headline mu (forward-modelled; the paper's with method = "k20"), as the lens stage set it
     mu = lensing_info.get("mu_halpha", 1.0) if cfg.lensed else 1.0
     mu_err = lensing_info.get("mu_halpha_err", 0.0) if cfg.lensed else 0.0
@@ -454,8 +491,7 @@ def _metallicity_stage(maps: xr.Dataset, source: xr.Dataset, cfg: GalaxyConfig,
         info.update({"halpha_flux": rate.get("halpha_flux_cgs", total),
                      "halpha_flux_err": rate.get("halpha_flux_err_cgs", total_err),
                      "sfr": rate["sfr"], "sfr_err": rate["sfr_err"]})
-    metal.attrs["metallicity_summary"] = json.dumps(info, default=float)
-    return metal
+    return StageResult(metal, _plain(info))
 
 
 def _integrated_dataset(maps: xr.Dataset) -> xr.Dataset:
@@ -465,20 +501,13 @@ def _integrated_dataset(maps: xr.Dataset) -> xr.Dataset:
     return out
 
 
-def _gradient_stage(products: Path, metal: xr.Dataset, source: xr.Dataset, maps: xr.Dataset,
-                    cfg: GalaxyConfig, lens: xr.Dataset | None, summary: dict,
-                    stage_hash: str, force: bool) -> dict:
-    from klever_nb import figures, gradients
+def _gradient_stage(metal: xr.Dataset, source: xr.Dataset, maps: xr.Dataset,
+                    cfg: GalaxyConfig, lens: xr.Dataset | None, lensing_info: Mapping[str, Any],
+                    metal_info: Mapping[str, Any]) -> StageResult:
+    """The paper's gradient (K20 §4.2), 2-D statistics (§4.5) and the forward-modelled one."""
+    from klever_nb import gradients, lensing
 
-    profile_path = products / "profile.csv"
-    cache_path = products / ".gradient.json"
-    if not force and profile_path.is_file() and cache_path.is_file():
-        cached = json.loads(cache_path.read_text())
-        if cached.get("input_hash") == stage_hash:
-            return cached["summary"]
-    from klever_nb import lensing
-
-    psf = lensing.annulus_psf(summary)
+    psf = lensing.annulus_psf(lensing_info)
     centre, centre_used = gradients.gradient_centre(
         source, rule=cfg.analysis.centre if isinstance(cfg.analysis.centre, str) else "continuum",
         user_centre_kpc=_user_centre_kpc(cfg, source, lens))
@@ -486,38 +515,62 @@ def _gradient_stage(products: Path, metal: xr.Dataset, source: xr.Dataset, maps:
         metal, psf=psf, centre_kpc=centre, step_fraction=cfg.analysis.step_fraction,
         line_maps=source)
     info["centre_used"] = centre_used
+    fit = info.pop("fit", {})
+    if np.isfinite(info.get("gradient_dex_per_kpc", np.nan)):
+        selected, _ = gradients.gradient_pixels(metal)
+        info.update(_two_d_statistics(selected, fit or info, psf, centre))
+        if cfg.analysis.forward_gradient and cfg.analysis.method != "k20":
+            info.update(_forward_gradient(maps, source, cfg, lens, lensing_info, metal_info))
+    return StageResult(profile, _plain(info))
+
+
+def _write_gradient_products(result: StageResult, products: Path, *,
+                             figure: Callable[[], Any]) -> None:
+    """``profile.csv`` (radius_kpc, oh, oh_err, n_pixels; DESIGN.md) and ``gradient.png``."""
+    import matplotlib.pyplot as plt
+
+    from klever_nb.io import atomic_path
+
+    profile = result.data
     lines = ["radius_kpc,oh,oh_err,n_pixels"]
     for r, oh, err, n in zip(profile["radius_kpc"].values, profile["oh"].values,
                              profile["oh_err"].values, profile["n_pixels"].values, strict=True):
         lines.append(f"{r:.4f},{oh:.4f},{err:.4f},{n:.2f}")
-    write_text("\n".join(lines) + "\n", profile_path)
-    fit = info.get("fit", {})
-    info = {k: v for k, v in info.items() if k != "fit"}
-    if np.isfinite(info.get("gradient_dex_per_kpc", np.nan)):
-        selected, _ = gradients.gradient_pixels(metal)
-        info.update(_two_d_statistics(selected, fit or info, psf, centre))
-    forward = {}
-    if cfg.analysis.forward_gradient and cfg.analysis.method != "k20" and \
-            np.isfinite(info.get("gradient_dex_per_kpc", np.nan)):
-        forward = _forward_gradient(maps, source, cfg, lens, summary)
-        info.update(forward)
-    fig = figures.gradient_figure(
-        metal, profile, info, psf=psf, line_maps=source, global_oh=summary.get("global_oh"),
-        global_oh_err=tuple(summary["global_oh_err"]) if "global_oh_err" in summary else None,
-        forward=({"gradient_dex_per_kpc": forward["gradient_forward_dex_per_kpc"],
-                  "gradient_err": forward["gradient_forward_err"],
-                  "central_oh": forward.get("central_forward_oh", np.nan)}
-                 if "gradient_forward_dex_per_kpc" in forward else None),
-        title=cfg.name)
-    from klever_nb.io import atomic_path
-
+    write_text("\n".join(lines) + "\n", products / "profile.csv")
+    fig = figure()
     with atomic_path(products / "gradient.png") as tmp:
         fig.savefig(tmp, format="png", dpi=110)
-    import matplotlib.pyplot as plt
-
     plt.close(fig)
-    write_json({"input_hash": stage_hash, "summary": info}, cache_path)
-    return info
+
+
+def _gradient_figure(gradient: StageResult, metal: StageResult, lensed: StageResult,
+                     cfg: GalaxyConfig):
+    """K20 Fig. 7 for this galaxy, from the stages' results."""
+    from klever_nb import figures, lensing
+
+    info, metal_info = gradient.summary, metal.summary
+    forward = ({"gradient_dex_per_kpc": info["gradient_forward_dex_per_kpc"],
+                "gradient_err": info["gradient_forward_err"],
+                "central_oh": info.get("central_forward_oh", np.nan)}
+               if "gradient_forward_dex_per_kpc" in info else None)
+    return figures.gradient_figure(
+        metal.data, gradient.data, dict(info), psf=lensing.annulus_psf(lensed.summary),
+        line_maps=lensed.data, global_oh=metal_info.get("global_oh"),
+        global_oh_err=(tuple(metal_info["global_oh_err"]) if "global_oh_err" in metal_info
+                       else None), forward=forward, title=cfg.name)
+
+
+def _plain(info: Mapping[str, Any]) -> dict[str, Any]:
+    """Summary fields as JSON types (numpy scalars to Python), as they are written."""
+    return json.loads(json.dumps(dict(info), default=_json_default))
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)
 
 
 def _user_centre_kpc(cfg: GalaxyConfig, source: xr.Dataset,
@@ -547,7 +600,9 @@ def _user_centre_kpc(cfg: GalaxyConfig, source: xr.Dataset,
     return (beta[0] - cx) * scale, (beta[1] - cy) * scale
 
 
-def _forward_gradient(maps, source, cfg, lens, summary) -> dict:
+def _forward_gradient(maps: xr.Dataset, source: xr.Dataset, cfg: GalaxyConfig,
+                      lens: xr.Dataset | None, lensing_info: Mapping[str, Any],
+                      metal_info: Mapping[str, Any]) -> dict:
     """The forward-modelled gradient (beyond K20): source model -> lens -> PSF -> IFU pixels."""
     from klever_nb import forward_gradient
     from klever_nb.cosmology import kpc_per_arcsec
@@ -561,7 +616,7 @@ def _forward_gradient(maps, source, cfg, lens, summary) -> dict:
     pix = float(maps.attrs["pixel_scale_arcsec"])
     if lens is not None:
         # the IFU maps sit where the HST registration (K20 §3.2.2) put them for the source maps
-        shift = tuple(summary.get("shift_arcsec", (0.0, 0.0)))
+        shift = tuple(lensing_info.get("shift_arcsec", (0.0, 0.0)))
         operator, grid = forward_gradient.lens_forward_from_lensing(
             lens, source_maps=source, psf_fwhm_arcsec=cfg.psf_fwhm_arcsec,
             ifu_wcs=maps.attrs.get("wcs", ""), ifu_shape=ifu_shape, shift_arcsec=shift)
@@ -575,7 +630,7 @@ def _forward_gradient(maps, source, cfg, lens, summary) -> dict:
         operator = forward_gradient.affine_forward(
             identity, source_ys_kpc=grid[0], source_xs_kpc=grid[1], ifu_shape=ifu_shape,
             pixel_scale_arcsec=pix, psf_fwhm_arcsec=cfg.psf_fwhm_arcsec)
-    usable = [d for d in summary.get("diagnostics", []) if d in {"N2", "R3", "S2", "R2"}]
+    usable = [d for d in metal_info.get("diagnostics", []) if d in {"N2", "R3", "S2", "R2"}]
     if not usable:
         return {"gradient_forward_message": "no diagnostic the forward model handles "
                 "(N2, R3, S2, R2) was chosen for this galaxy"}
@@ -707,26 +762,24 @@ def fit_single_cube(cube_path: str | Path, *, redshift: float, out_dir: str | Pa
 
 
 def run_sample(sample_path: str | Path, out_dir: str | Path, *, force: bool = False,
-               scheduler: str | None = None) -> dict[str, Path]:
+               scheduler: str | None = None, workers: int = 2,
+               progress: bool | None = None) -> dict[str, Path]:
     """Run every galaxy of a sample file; return ``{name: summary.json path}``.
 
     With ``scheduler=None`` galaxies run one after the other in this process; with
-    ``"local"`` on a local ``dask.distributed`` cluster, or on the scheduler at the
-    given address. Galaxies whose products are up to date are skipped (resume).
+    ``"local"`` on a local ``dask.distributed`` cluster of ``workers`` processes, or on the
+    scheduler at the given address. Every galaxy is validated first; finished galaxies are
+    skipped on a rerun (content-hash done-marker); ``out_dir/sample.csv`` and ``sample.nc``
+    are written. See :func:`klever_nb.sample_run.run_sample`, which also returns the
+    per-galaxy status; this wrapper raises :class:`KleverError` naming every galaxy that
+    was invalid or failed, after the others finished.
     """
-    paths = load_sample(sample_path)
-    for path in paths:  # validate every galaxy before running any
-        load_galaxy(path)
-    if scheduler is None:
-        return {load_galaxy(p).name: run_galaxy(p, out_dir, force=force) for p in paths}
-    from dask.distributed import Client, LocalCluster
+    from klever_nb import sample_run
 
-    cluster = LocalCluster(n_workers=2, threads_per_worker=1) if scheduler == "local" else None
-    with Client(cluster if cluster is not None else scheduler) as client:
-        futures = {load_galaxy(p).name: client.submit(run_galaxy, p, out_dir, force=force,
-                                                      progress=False, pure=False)
-                   for p in paths}
-        results = {name: future.result() for name, future in futures.items()}
-    if cluster is not None:
-        cluster.close()
-    return results
+    result = sample_run.run_sample(sample_path, out_dir, force=force, scheduler=scheduler,
+                                   workers=workers, progress=progress)
+    if result.failed:
+        names = "; ".join(f"{r['name']}: {r['error']}" for r in result.failed)
+        raise KleverError(f"{len(result.failed)} of {len(result.rows)} galaxies failed "
+                          f"(table: {result.csv}): {names}")
+    return result.summaries
