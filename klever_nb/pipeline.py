@@ -24,7 +24,7 @@ import numpy as np
 import xarray as xr
 
 from klever_nb import __version__, constants
-from klever_nb.config import METHODS, GalaxyConfig, load_galaxy, load_sample
+from klever_nb.config import METHODS, GalaxyConfig, load_galaxy
 from klever_nb.errors import ConfigError, InputError, KleverError
 from klever_nb.io import read_netcdf, write_json, write_netcdf, write_text
 from klever_nb.io.cubes import open_cube
@@ -401,52 +401,18 @@ def _lens_stage(maps: xr.Dataset, cfg: GalaxyConfig, lens: xr.Dataset | None,
     return StageResult(source, _plain(info))
 
 
-#: A registration offset larger than this is not trusted (KMOS IFUs are placed to ~0.2").
-MAX_HST_SHIFT_ARCSEC = 1.0
-
-
 def _hst_registration(maps: xr.Dataset, lens: xr.Dataset, cfg: GalaxyConfig,
                       cube_wcs: str) -> tuple[tuple[float, float], dict]:
-    """Offset (dy, dx) in arcsec that registers the IFU maps on the HST image (K20 §3.2.2).
-
-    The Halpha (else the brightest) line map is rebinned onto the lens grid and
-    cross-correlated with the HST image, smoothed to the IFU PSF, over the part of the
-    grid the IFU covers (:func:`klever_nb.align.cross_correlation_shift`: the whole shape,
-    not the peak, which is ill-defined on arcs). The HST image must be on the lens-map grid.
-    Without an HST image, or when the offset reaches ``MAX_HST_SHIFT_ARCSEC``, no shift is
-    applied and the summary says why.
-    """
-    from scipy import ndimage
-
-    from klever_nb import align, lensing
+    """Read ``[lens] hst_image`` and register the IFU maps on it (K20 §3.2.2)."""
+    from klever_nb import lensing
     from klever_nb.io.images import open_image
 
     if cfg.lens is None or cfg.lens.hst_image is None:
         return (0.0, 0.0), {"hst_registration": "no hst_image given: no shift applied"}
     hst = open_image(cfg.lens.hst_image)
-    grid = lensing.as_lens_grid(lens)
-    if hst.shape != grid["alpha_x"].shape:
-        return (0.0, 0.0), {"hst_registration": f"{cfg.lens.hst_image.name} is not on the "
-                            "deflection-map grid: no shift applied"}
-    totals = maps["flux"].sum(("y", "x"), skipna=True)
-    line = "Halpha" if "Halpha" in maps["line"].values else \
-        str(maps["line"].values[int(np.nanargmax(totals.values))])
-    on_grid = lensing.rebin_to_lens_grid(maps[["flux", "flux_err"]].sel(line=[line]), lens,
-                                         cube_wcs=cube_wcs)
-    pixel = float(hst.attrs["pixel_scale_arcsec"])
-    hst_psf = float(hst.attrs.get("psf_fwhm_arcsec", 0.0))
-    blur = np.sqrt(max(cfg.psf_fwhm_arcsec**2 - hst_psf**2, 0.0)) / constants.FWHM_PER_SIGMA / pixel
-    reference = ndimage.gaussian_filter(np.nan_to_num(hst.values.astype(float)), blur)
-    rows, cols = on_grid["ly"].values.astype(int), on_grid["lx"].values.astype(int)
-    dy, dx = align.cross_correlation_shift(
-        reference[np.ix_(rows, cols)], on_grid["flux"].sel(line=line).transpose("ly", "lx").values,
-        max_shift_pix=MAX_HST_SHIFT_ARCSEC / pixel)
-    shift = (dy * pixel, dx * pixel)
-    if max(abs(shift[0]), abs(shift[1])) >= MAX_HST_SHIFT_ARCSEC - pixel:
-        return (0.0, 0.0), {"hst_registration": f"offset {shift} arcsec at the search limit: "
-                            "not applied"}
-    return shift, {"hst_registration": f"{line} map cross-correlated with "
-                   f"{cfg.lens.hst_image.name}", "hst_shift_arcsec": list(shift)}
+    hst.attrs["source_file"] = cfg.lens.hst_image.name
+    return lensing.hst_registration_shift(maps, lens, hst, cube_wcs=cube_wcs,
+                                          psf_fwhm_arcsec=cfg.psf_fwhm_arcsec)
 
 
 def _metallicity_stage(maps: xr.Dataset, source: xr.Dataset, cfg: GalaxyConfig,

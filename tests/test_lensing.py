@@ -198,19 +198,26 @@ def test_rebin_without_overlap_is_an_input_error():
         L.rebin_to_lens_grid(maps, lens, cube_wcs=far)
 
 
-def test_align_offset_recovers_a_known_shift():
+def test_hst_registration_recovers_a_known_shift():
+    """K20 §3.2.2 by cross-correlation on the lens grid: an IFU map peaking at (0.1, -0.05)"
+    against an HST image peaking at (0.4, -0.3)" needs (dy, dx) = (-0.25, +0.3)"."""
     lens = sis_lens()
     tx, ty = np.meshgrid(lens["theta_x"], lens["theta_y"])
     hst = xr.DataArray(np.exp(-0.5 * ((tx - 0.4) ** 2 + (ty + 0.3) ** 2) / 0.15**2),
-                       dims=("ly", "lx"), attrs={"wcs": lens.attrs["wcs"]})
-    # IFU line map peaking at (0.1, -0.05): expected shift (dy, dx) = (-0.25, +0.3)
+                       dims=("ly", "lx"), attrs={"wcs": lens.attrs["wcs"],
+                                                 "pixel_scale_arcsec": P_LENS,
+                                                 "psf_fwhm_arcsec": 0.1})
     ifu_hdr = tan_header(0.2, (15.5, 15.5))
     yy, xx = np.mgrid[0:30, 0:30]
     sx, sy = (xx - 14.5) * 0.2, (yy - 14.5) * 0.2
-    ifu = xr.DataArray(np.exp(-0.5 * ((sx - 0.1) ** 2 + (sy + 0.05) ** 2) / 0.3**2),
-                       dims=("y", "x"), attrs={"wcs": ifu_hdr})
-    dy, dx = L.align_offset(ifu, hst, smooth_fwhm_arcsec=0.5)
-    assert dy == pytest.approx(-0.25, abs=0.02) and dx == pytest.approx(0.3, abs=0.02)
+    flux = np.exp(-0.5 * ((sx - 0.1) ** 2 + (sy + 0.05) ** 2) / 0.26**2)
+    maps = xr.Dataset({"flux": (("line", "y", "x"), flux[None]),
+                       "flux_err": (("line", "y", "x"), np.full((1, 30, 30), 0.01))},
+                      coords={"line": ["Halpha"]})
+    (dy, dx), info = L.hst_registration_shift(maps, lens, hst, cube_wcs=ifu_hdr,
+                                              psf_fwhm_arcsec=0.5)
+    assert dy == pytest.approx(-0.25, abs=0.03) and dx == pytest.approx(0.3, abs=0.03)
+    assert info["hst_shift_arcsec"] == [dy, dx]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -91,23 +91,23 @@ from klever_nb.lensing.reconstruct import (
     unlensed_source_maps,
 )
 from klever_nb.lensing.registration import (
+    MAX_HST_SHIFT_ARCSEC,
     _affine_lens_to_cube,
     _axis_overlap,
     _map_variables,
     _Overlap,
     _overlap,
     _overlap_box,
-    _peak_centroid,
     _resample_mean,
     _sb_attrs,
-    align_offset,
     check_overlap,
+    hst_registration_shift,
     rebin_to_lens_grid,
 )
 
 __all__ = [
     "NearCriticalWarning", "as_lens_grid", "rescale_lens", "convergence_shear",
-    "lens_from_parametric", "lens_from_components", "rebin_to_lens_grid", "align_offset", "delens", "forward_model",
+    "lens_from_parametric", "lens_from_components", "rebin_to_lens_grid", "hst_registration_shift", "delens", "forward_model",
     "LensingOperator", "deconvolve_source",
     "source_plane_psf", "fit_gaussian_ellipse", "magnification_halpha",
     "magnification_from_maps", "magnification_spread", "reconstruct_source_plane",

@@ -102,7 +102,7 @@ def reconstruct_source_plane(line_maps: xr.Dataset, lens: xr.Dataset, *, redshif
     halpha : str
         Line used for μ(Hα), the footprint and the centre.
     shift_arcsec : (dy, dx)
-        Registration shift (:func:`align_offset`).
+        Registration shift (:func:`hst_registration_shift`).
     subsample : int
         Rays per lens pixel along each axis.
     alternative_lenses, alternatives : tuple of Dataset

@@ -14,7 +14,7 @@ import xarray as xr
 from scipy import ndimage
 
 from klever_nb.errors import InputError
-from klever_nb.io.images import pixel_scale_from_wcs, wcs_from_string
+from klever_nb.io.images import pixel_scale_from_wcs
 from klever_nb.lensing.maps import FWHM_PER_SIGMA, _celestial, as_lens_grid
 
 # ---------------------------------------------------------------------------------------------
@@ -140,7 +140,7 @@ def rebin_to_lens_grid(maps: xr.Dataset, lens: xr.Dataset, *, cube_wcs: str,
         Celestial WCS header string of the IFU cube (``cube.attrs["wcs"]``).
     shift_arcsec : (dy, dx)
         Registration shift along the lens pixel axes added to the IFU positions
-        (from :func:`align_offset`).
+        (from :func:`hst_registration_shift`).
 
     Returns
     -------
@@ -247,43 +247,6 @@ def _resample_mean(flat: np.ndarray, ov: _Overlap) -> tuple[np.ndarray, np.ndarr
     return out, weight
 
 
-def align_offset(image_map: xr.DataArray, reference_image: xr.DataArray, *,
-                 smooth_fwhm_arcsec: float | None = None,
-                 box_arcsec: float = 0.6) -> tuple[float, float]:
-    """Shift (dy, dx) in arcsec that moves the IFU map's peak onto the reference image's peak.
-
-    Both maps carry a celestial ``attrs["wcs"]`` (e.g. the IFU continuum or H-band line map,
-    and the HST H-band image). Each peak is the flux-weighted centroid within ``box_arcsec``
-    of the brightest pixel, after smoothing the reference to ``smooth_fwhm_arcsec`` (the IFU
-    PSF) if given. The shift is along the reference image's pixel axes (the lens grid in the
-    paper), the convention of ``rebin_to_lens_grid(shift_arcsec=...)``.
-
-    References
-    ----------
-    K20 §3.2.2 (align the continuum, or the H-band emission-line peak, with the HST image).
-    """
-    w_map = wcs_from_string(image_map.attrs["wcs"])
-    w_ref = wcs_from_string(reference_image.attrs["wcs"])
-    p_ref = pixel_scale_from_wcs(w_ref)
-    p_map = pixel_scale_from_wcs(w_map)
-    ref = np.nan_to_num(np.asarray(reference_image.values, float))
-    if smooth_fwhm_arcsec:
-        ref = ndimage.gaussian_filter(ref, smooth_fwhm_arcsec / FWHM_PER_SIGMA / p_ref)
-    ry, rx = _peak_centroid(ref, box_arcsec / p_ref)
-    my, mx = _peak_centroid(np.nan_to_num(np.asarray(image_map.values, float)), box_arcsec / p_map)
-    sx, sy = w_ref.world_to_pixel(w_map.pixel_to_world(mx, my))
-    return float((ry - sy) * p_ref), float((rx - sx) * p_ref)
-
-
-def _peak_centroid(img: np.ndarray, radius_pix: float) -> tuple[float, float]:
-    """Flux-weighted centroid (y, x) within ``radius_pix`` of the brightest pixel."""
-    iy, ix = np.unravel_index(np.argmax(img), img.shape)
-    yy, xx = np.indices(img.shape)
-    sel = ((yy - iy) ** 2 + (xx - ix) ** 2 <= max(radius_pix, 1.0) ** 2) & (img > 0)
-    w = img[sel]
-    return float(np.sum(w * yy[sel]) / w.sum()), float(np.sum(w * xx[sel]) / w.sum())
-
-
 def check_overlap(lens: xr.Dataset, *, cube_wcs: str, cube_shape: tuple[int, int] | None = None,
                   source: str = "lens maps") -> None:
     """Raise :class:`InputError` when the lens maps do not cover the cube.
@@ -307,3 +270,52 @@ def check_overlap(lens: xr.Dataset, *, cube_wcs: str, cube_shape: tuple[int, int
     if not ok:
         raise InputError(f"{source}: the deflection maps do not overlap the cube (check the WCS "
                          "of the cube and of the deflection maps)")
+
+
+#: A registration offset larger than this is not trusted (KMOS IFUs are placed to ~0.2").
+MAX_HST_SHIFT_ARCSEC = 1.0
+
+
+def hst_registration_shift(line_maps: xr.Dataset, lens: xr.Dataset, hst: xr.DataArray, *,
+                           cube_wcs: str, psf_fwhm_arcsec: float,
+                           max_shift_arcsec: float = MAX_HST_SHIFT_ARCSEC
+                           ) -> tuple[tuple[float, float], dict]:
+    """Offset (dy, dx) in arcsec that registers the IFU maps on the HST image (K20 §3.2.2).
+
+    The Halpha (else the brightest) line map is rebinned onto the lens grid and
+    cross-correlated with the HST image, smoothed to the IFU PSF, over the part of the grid
+    the IFU covers (:func:`klever_nb.align.cross_correlation_shift`: the whole shape, not
+    the peak, which is ill-defined on arcs — a peak-centroid version gave false offsets
+    between knots of lensed arcs). ``hst`` must be on the lens-map grid
+    (:func:`klever_nb.io.images.open_image`; ``attrs["psf_fwhm_arcsec"]`` its own PSF).
+    When it is not, or the offset reaches ``max_shift_arcsec``, no shift is applied and the
+    returned dict says why. The shift is along the lens grid's pixel axes, the convention
+    of ``rebin_to_lens_grid(shift_arcsec=...)``.
+    """
+    from klever_nb import align
+
+    grid = as_lens_grid(lens)
+    name = str(hst.attrs.get("source_file", "the HST image"))
+    if hst.shape != grid["alpha_x"].shape:
+        return (0.0, 0.0), {"hst_registration": f"{name} is not on the deflection-map grid: "
+                            "no shift applied"}
+    totals = line_maps["flux"].sum(("y", "x"), skipna=True)
+    line = "Halpha" if "Halpha" in line_maps["line"].values else \
+        str(line_maps["line"].values[int(np.nanargmax(totals.values))])
+    on_grid = rebin_to_lens_grid(line_maps[["flux", "flux_err"]].sel(line=[line]), lens,
+                                 cube_wcs=cube_wcs)
+    pixel = float(hst.attrs["pixel_scale_arcsec"])
+    hst_psf = float(hst.attrs.get("psf_fwhm_arcsec", 0.0))
+    blur = np.sqrt(max(psf_fwhm_arcsec**2 - hst_psf**2, 0.0)) / FWHM_PER_SIGMA / pixel
+    reference = ndimage.gaussian_filter(np.nan_to_num(hst.values.astype(float)), blur)
+    rows, cols = on_grid["ly"].values.astype(int), on_grid["lx"].values.astype(int)
+    dy, dx = align.cross_correlation_shift(
+        reference[np.ix_(rows, cols)],
+        on_grid["flux"].sel(line=line).transpose("ly", "lx").values,
+        max_shift_pix=max_shift_arcsec / pixel)
+    shift = (dy * pixel, dx * pixel)
+    if max(abs(shift[0]), abs(shift[1])) >= max_shift_arcsec - pixel:
+        return (0.0, 0.0), {"hst_registration": f"offset {shift} arcsec at the search limit: "
+                            "not applied"}
+    return shift, {"hst_registration": f"{line} map cross-correlated with {name}",
+                   "hst_shift_arcsec": list(shift)}
