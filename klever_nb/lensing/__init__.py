@@ -34,6 +34,17 @@ References: K20 §3.2.1–3.2.3; FACTS.md §10 (cosmology), §12 (measured costs
 # hence no F401 for the names outside __all__.
 # ruff: noqa: F401
 
+from klever_nb.lensing.curves import (
+    caustics,
+    critical_curves,
+    feeding_pixels,
+    landing_pixel,
+    lens_at_source,
+    magnification_determinant,
+    ray_lookup,
+    source_plane_kpc,
+    trace_to_source,
+)
 from klever_nb.lensing.delensing import (
     SourceGrid,
     _alpha_subpixel,
@@ -113,4 +124,6 @@ __all__ = [
     "magnification_from_maps", "magnification_spread", "reconstruct_source_plane",
     "check_overlap", "unlensed_source_maps", "source_grid_of", "SourceGrid", "point_images",
     "delens_reference", "sky_to_source_arcsec", "maps_psf_fwhm_arcsec", "annulus_psf",
+    "lens_at_source", "magnification_determinant", "trace_to_source", "critical_curves",
+    "caustics", "ray_lookup", "landing_pixel", "feeding_pixels", "source_plane_kpc",
 ]
