@@ -32,7 +32,7 @@ Keeton 2001; Kormann, Schneider & Bartelmann 1994, A&A 284, 285.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -281,16 +281,7 @@ class ParametricLens:
         shape = np.broadcast(x, y).shape
         ax, ay = np.zeros(shape), np.zeros(shape)
         for comp in self.components:
-            kw = _component_kwargs(comp)
-            kind = comp["type"]
-            if kind == "SIS":
-                dx, dy = sis_deflection(x, y, **kw)
-            elif kind == "SIE":
-                dx, dy = sie_deflection(x, y, **kw)
-            elif kind == "SHEAR":
-                dx, dy = shear_deflection(x, y, **kw)
-            else:  # EPL through lenstronomy
-                dx, dy = _epl_profile().derivatives(*_off_centre(x, y, comp), **_epl_kwargs(comp))
+            dx, dy = PROFILES[comp["type"]].deflection(x, y, comp)
             ax = ax + dx
             ay = ay + dy
         return ax, ay
@@ -302,16 +293,7 @@ class ParametricLens:
         shape = np.broadcast(x, y).shape
         out = [np.zeros(shape) for _ in range(4)]
         for comp in self.components:
-            kw = _component_kwargs(comp)
-            kind = comp["type"]
-            if kind == "SIS":
-                parts = sis_hessian(x, y, **kw)
-            elif kind == "SIE":
-                parts = sie_hessian(x, y, **kw)
-            elif kind == "SHEAR":
-                parts = shear_hessian(x, y, **kw)
-            else:
-                parts = _epl_profile().hessian(*_off_centre(x, y, comp), **_epl_kwargs(comp))
+            parts = PROFILES[comp["type"]].hessian(x, y, comp)
             out = [o + np.asarray(p, dtype=float) for o, p in zip(out, parts, strict=True)]
         return tuple(out)
 
@@ -350,18 +332,8 @@ class ParametricLens:
         """
         if not factor > 0:
             raise ConfigError(f"deflection scale factor must be positive, got {factor!r}")
-        out = []
-        for comp in self.components:
-            new = dict(comp)
-            if comp["type"] in {"SIS", "SIE"}:
-                new["theta_e"] = float(comp["theta_e"]) * factor
-            elif comp["type"] == "EPL":
-                new["theta_e"] = float(comp["theta_e"]) * factor ** (1.0 / (comp["gamma"] - 1))
-            else:
-                new["gamma1"] = float(comp["gamma1"]) * factor
-                new["gamma2"] = float(comp["gamma2"]) * factor
-            out.append(new)
-        return ParametricLens(tuple(out))
+        return ParametricLens(tuple(PROFILES[comp["type"]].scaled(comp, factor)
+                                    for comp in self.components))
 
     def to_lenstronomy(self) -> tuple[list[str], list[dict[str, float]]]:
         """Equivalent lenstronomy ``(lens_model_list, kwargs_lens)`` for ``LensModel``.
@@ -375,27 +347,8 @@ class ParametricLens:
         >>> bool(abs(ax - lens.deflection(1.5, 0.3)[0]) < 1e-6)
         True
         """
-        names: list[str] = []
-        kwargs: list[dict[str, float]] = []
-        for comp in self.components:
-            cx = float(comp.get("center_x", 0.0))
-            cy = float(comp.get("center_y", 0.0))
-            kind = comp["type"]
-            if kind == "SIS":
-                names.append("SIS")
-                kwargs.append({"theta_E": float(comp["theta_e"]), "center_x": cx, "center_y": cy})
-            elif kind == "SIE":
-                e1, e2 = q_pa_to_e1e2(float(comp["q"]), float(comp["pa_deg"]))
-                names.append("SIE")
-                kwargs.append({"theta_E": float(comp["theta_e"]), "e1": e1, "e2": e2,
-                               "center_x": cx, "center_y": cy})
-            elif kind == "EPL":
-                names.append("EPL")
-                kwargs.append(_epl_kwargs(comp))
-            else:
-                names.append("SHEAR")
-                kwargs.append({"gamma1": float(comp["gamma1"]), "gamma2": float(comp["gamma2"]),
-                               "ra_0": cx, "dec_0": cy})
+        names = [comp["type"] for comp in self.components]  # lenstronomy uses the same names
+        kwargs = [PROFILES[comp["type"]].lenstronomy_kwargs(comp) for comp in self.components]
         return names, kwargs
 
     def to_config(self) -> dict[str, list[dict[str, Any]]]:
@@ -444,7 +397,7 @@ def _epl_kwargs(comp: Mapping[str, Any]) -> dict[str, float]:
 
 def _validate_component(comp: Mapping[str, Any], where: str) -> None:
     kind = comp.get("type")
-    if kind not in COMPONENT_KEYS:
+    if kind not in PROFILES:
         raise ConfigError(f"{where}.type must be one of {', '.join(COMPONENT_KEYS)}, got {kind!r}")
     required, optional = COMPONENT_KEYS[kind]
     allowed = set(required) | set(optional) | {"type"}
@@ -469,3 +422,72 @@ def _validate_component(comp: Mapping[str, Any], where: str) -> None:
     if kind == "EPL" and not 1 < comp["gamma"] < 3:
         raise ConfigError(f"{where}.gamma must be in (1, 3) (2 = isothermal), "
                           f"got {comp['gamma']!r}")
+
+
+# ---------------------------------------------------------------------------
+# The registry: one entry per component type (a new profile is one entry here)
+# ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Profile:
+    """How one component type deflects, bends, rescales and translates to lenstronomy.
+
+    Each callable takes the component dict (``type`` and the keys of
+    :data:`COMPONENT_KEYS`); :class:`ParametricLens` dispatches through :data:`PROFILES`
+    instead of one ``if type == ...`` chain per method.
+    """
+
+    deflection: Callable[[np.ndarray, np.ndarray, Mapping[str, Any]], _ArrayPair]
+    hessian: Callable[[np.ndarray, np.ndarray, Mapping[str, Any]], _Hessian]
+    scaled: Callable[[Mapping[str, Any], float], dict]
+    lenstronomy_kwargs: Callable[[Mapping[str, Any]], dict[str, float]]
+
+
+def _centre(comp: Mapping[str, Any]) -> dict[str, float]:
+    return {"center_x": float(comp.get("center_x", 0.0)),
+            "center_y": float(comp.get("center_y", 0.0))}
+
+
+def _theta_e_scaled(comp: Mapping[str, Any], factor: float) -> dict:
+    """SIS, SIE: the Einstein radius scales as the deflection."""
+    return dict(comp, theta_e=float(comp["theta_e"]) * factor)
+
+
+def _epl_scaled(comp: Mapping[str, Any], factor: float) -> dict:
+    """EPL: alpha ∝ theta_e^(gamma-1), so theta_e scales as factor^(1/(gamma-1))."""
+    return dict(comp, theta_e=float(comp["theta_e"]) * factor ** (1.0 / (comp["gamma"] - 1)))
+
+
+def _shear_scaled(comp: Mapping[str, Any], factor: float) -> dict:
+    return dict(comp, gamma1=float(comp["gamma1"]) * factor,
+                gamma2=float(comp["gamma2"]) * factor)
+
+
+def _sie_lenstronomy(comp: Mapping[str, Any]) -> dict[str, float]:
+    e1, e2 = q_pa_to_e1e2(float(comp["q"]), float(comp["pa_deg"]))
+    return {"theta_E": float(comp["theta_e"]), "e1": e1, "e2": e2, **_centre(comp)}
+
+
+#: Component type -> :class:`Profile` (closed forms; EPL through lenstronomy).
+PROFILES: dict[str, Profile] = {
+    "SIS": Profile(
+        deflection=lambda x, y, c: sis_deflection(x, y, **_component_kwargs(c)),
+        hessian=lambda x, y, c: sis_hessian(x, y, **_component_kwargs(c)),
+        scaled=_theta_e_scaled,
+        lenstronomy_kwargs=lambda c: {"theta_E": float(c["theta_e"]), **_centre(c)}),
+    "SIE": Profile(
+        deflection=lambda x, y, c: sie_deflection(x, y, **_component_kwargs(c)),
+        hessian=lambda x, y, c: sie_hessian(x, y, **_component_kwargs(c)),
+        scaled=_theta_e_scaled, lenstronomy_kwargs=_sie_lenstronomy),
+    "EPL": Profile(
+        deflection=lambda x, y, c: _epl_profile().derivatives(*_off_centre(x, y, c),
+                                                              **_epl_kwargs(c)),
+        hessian=lambda x, y, c: _epl_profile().hessian(*_off_centre(x, y, c), **_epl_kwargs(c)),
+        scaled=_epl_scaled, lenstronomy_kwargs=_epl_kwargs),
+    "SHEAR": Profile(
+        deflection=lambda x, y, c: shear_deflection(x, y, **_component_kwargs(c)),
+        hessian=lambda x, y, c: shear_hessian(x, y, **_component_kwargs(c)),
+        scaled=_shear_scaled,
+        lenstronomy_kwargs=lambda c: {"gamma1": float(c["gamma1"]), "gamma2": float(c["gamma2"]),
+                                      "ra_0": float(c.get("center_x", 0.0)),
+                                      "dec_0": float(c.get("center_y", 0.0))}),
+}

@@ -256,3 +256,14 @@ def test_sis_tangential_critical_curve_is_at_theta_e():
     crossing = np.flatnonzero(np.diff(np.sign(inv_mu)))[0]
     root = np.interp(0.0, inv_mu[crossing:crossing + 2], r[crossing:crossing + 2])
     assert root == pytest.approx(1.37, abs=1e-6)
+
+
+def test_every_component_type_has_one_registry_entry():
+    """ParametricLens dispatches through one registry (no per-method type chains)."""
+    import inspect
+
+    from klever_nb import lensmodels
+
+    assert set(lensmodels.PROFILES) == set(lensmodels.COMPONENT_KEYS)
+    source = inspect.getsource(lensmodels.ParametricLens)
+    assert 'kind == "' not in source and "if kind" not in source
