@@ -6,7 +6,13 @@ one-dimensional, so the posterior exp(-chi^2/2) is computed exactly on a fine
 grid for every pixel at once (:func:`posterior_grid`; the fast fused path used
 by :func:`metallicity_map` is :func:`grid_summary`, checked against the former).
 The paper's emcee sampling is available as :func:`posterior_emcee`
-(``method="emcee"``); the two agree to Monte-Carlo noise.
+(``method="emcee"``); the two agree to Monte-Carlo noise. There is one eq. (1):
+the calibration polynomials are evaluated by :meth:`Calibration.log_ratio
+<klever_nb.calibrations.Calibration.log_ratio>` (:func:`calibrated_log_ratios`) and
+chi^2 by :func:`chi2_eq1`, for the grid, the emcee log-probability and the radial
+profile's "mean_ratio" route (:func:`klever_nb.gradients.oh_from_log_ratios` calls
+:func:`grid_summary`). In ``method="emcee"`` every summary and flag of a pixel comes
+from its chains (:func:`chain_summary`), no grid is computed beside them.
 
 Summaries (per pixel): median and 16th/84th percentiles from the linearly
 interpolated CDF of the trapezoid-integrated posterior (no pile-up at grid
@@ -47,7 +53,7 @@ import numpy as np
 import xarray as xr
 from scipy import stats
 
-from klever_nb.calibrations import get_calibration
+from klever_nb.calibrations import Calibration, get_calibration
 from klever_nb.constants import METALLICITY_SNR_STRONG, METALLICITY_SNR_WEAK, R_V
 from klever_nb.errors import ConfigError
 from klever_nb.ratios import DIAGNOSTICS, get_diagnostic, observed_log_ratio
@@ -89,13 +95,48 @@ def make_grid(diagnostics: Sequence[str], *, calibration_set: str = "C20",
     return np.linspace(lo, hi, n)
 
 
+def calibrated_log_ratios(calibrations: Sequence[Calibration], oh: np.ndarray) -> np.ndarray:
+    """log R_cal,i(x) of each calibration at the points ``oh``, shape (n_diag, n_points).
+
+    The one evaluation of the calibration polynomials for eq. (1) (grid, emcee and the
+    "mean_ratio" route alike): :meth:`klever_nb.calibrations.Calibration.log_ratio`.
+    """
+    x = np.ravel(np.asarray(oh, dtype=float))
+    return np.array([c.log_ratio(x) for c in calibrations], dtype=float).reshape(
+        len(calibrations), x.size)
+
+
+def chi2_eq1(obs: np.ndarray, weight: np.ndarray, model: np.ndarray) -> np.ndarray:
+    """K20 eq. (1): chi^2(x) = sum_i w_i (log R_obs,i - log R_cal,i(x))^2, w_i = 1/(s_obs^2 + s_cal^2).
+
+    Parameters
+    ----------
+    obs, weight : ndarray, shape (..., n_diag)
+        Observed log ratios and weights from :func:`_weights` (unusable ratios: weight 0).
+    model : ndarray, shape (n_diag, n_points)
+        :func:`calibrated_log_ratios` at the points where chi^2 is wanted.
+
+    Returns
+    -------
+    ndarray, shape (..., n_points)
+        chi^2 at every point for every pixel. :func:`posterior_grid` and the emcee
+        log-probability call this; :func:`grid_summary` expands the same square into one
+        matrix product (tested equal).
+    """
+    obs = np.asarray(obs, dtype=float)
+    weight = np.asarray(weight, dtype=float)
+    chi2 = np.zeros(obs.shape[:-1] + model.shape[1:])
+    for d in range(model.shape[0]):
+        chi2 += weight[..., d, None] * (obs[..., d, None] - model[d]) ** 2
+    return chi2
+
+
 def _model_table(diagnostics: Sequence[str], calibration_set: str, grid: np.ndarray
                  ) -> tuple[np.ndarray, np.ndarray]:
     """log R_cal on the grid (n_diag, n_grid) and the intrinsic dispersions (n_diag,)."""
     cals = [get_calibration(d, calibration_set) for d in diagnostics]
-    model = np.array([c.log_ratio(grid) for c in cals]).reshape(len(cals), grid.size)
     sigma = np.array([c.sigma for c in cals], dtype=float)
-    return model, sigma
+    return calibrated_log_ratios(cals, grid), sigma
 
 
 def _weights(log_r_obs: np.ndarray, log_r_err: np.ndarray, sigma_cal: np.ndarray
@@ -154,9 +195,7 @@ def posterior_grid(log_r_obs: np.ndarray, log_r_err: np.ndarray, diagnostics: Se
     grid = np.asarray(grid, dtype=float)
     model, sigma = _model_table(diagnostics, calibration_set, grid)
     obs, weight = _weights(obs_in.reshape(-1, n_diag), err_in.reshape(-1, n_diag), sigma)
-    chi2 = np.zeros((obs.shape[0], grid.size))
-    for d in range(n_diag):  # plain sum of eq. (1) terms (the reference twin)
-        chi2 += weight[:, d, None] * (obs[:, d, None] - model[d][None, :]) ** 2
+    chi2 = chi2_eq1(obs, weight, model)  # plain sum of eq. (1) terms (the reference twin)
     post = np.exp(-0.5 * (chi2 - chi2.min(axis=1, keepdims=True)))
     norm = np.trapezoid(post, grid, axis=1)
     post /= norm[:, None]
@@ -327,49 +366,79 @@ def grid_summary(log_r_obs: np.ndarray, log_r_err: np.ndarray, diagnostics: Sequ
 # ---------------------------------------------------------------------------
 # emcee (the paper's method)
 # ---------------------------------------------------------------------------
-def _log_prob_factory(obs: np.ndarray, weight: np.ndarray, coeffs: list[np.ndarray],
-                      x_offset: float, lo: float, hi: float):
+def _log_prob_factory(obs: np.ndarray, weight: np.ndarray, calibrations: Sequence[Calibration],
+                      lo: float, hi: float):
+    """ln p(x) = -chi^2(x)/2 of eq. (1) (:func:`chi2_eq1`) inside [lo, hi], -inf outside.
+
+    ``obs``/``weight`` are one pixel's (n_diag,) arrays from :func:`_weights`; vectorised
+    over walkers (theta of shape (n_walkers, 1)).
+    """
+    obs = np.asarray(obs, dtype=float)
+    weight = np.asarray(weight, dtype=float)
+
     def log_prob(theta: np.ndarray) -> np.ndarray:
         x = np.asarray(theta, dtype=float)[:, 0]
-        chi2 = np.zeros_like(x)
-        dx = x - x_offset
-        for value, w, c in zip(obs, weight, coeffs, strict=True):
-            if w > 0:
-                model = np.full_like(dx, c[-1])
-                for coefficient in c[-2::-1]:  # Horner
-                    model = model * dx + coefficient
-                chi2 += w * (value - model) ** 2
+        chi2 = chi2_eq1(obs, weight, calibrated_log_ratios(calibrations, x))
         inside = (x >= lo) & (x <= hi)
         return np.where(inside, -0.5 * chi2, -np.inf)
 
     return log_prob
 
 
+def chain_summary(samples: np.ndarray, log_prob: np.ndarray, *, lo: float, hi: float,
+                  valley_ratio: float = VALLEY_RATIO, min_mode_mass: float = MIN_MODE_MASS,
+                  edge_ratio: float = EDGE_RATIO) -> dict[str, float | bool]:
+    """Summaries and flags of one pixel from its emcee chain (the samples that were run).
+
+    Quantiles are percentiles of the samples; ``mode`` is the sample of highest ln p
+    (the chi^2 minimum under the flat prior) and ``chi2_min`` = -2 max ln p; ``bimodal``
+    and ``at_edge`` apply the criteria of :func:`summarize_posterior` to a histogram of
+    the samples on [lo, hi] (Freedman-Diaconis bin width, 10-400 bins).
+    """
+    flat = np.asarray(samples, dtype=float).ravel()
+    logp = np.asarray(log_prob, dtype=float).ravel()
+    q16, q50, q84 = np.percentile(flat, [16, 50, 84])
+    best = int(np.argmax(logp))
+    iqr = float(np.subtract(*np.percentile(flat, [75, 25])))
+    width = 2.0 * iqr * flat.size ** (-1.0 / 3.0)
+    n_bins = 10 if not width > 0 else int(np.clip(np.ceil((hi - lo) / width), 10, 400))
+    counts, edges = np.histogram(flat, bins=n_bins, range=(lo, hi))
+    centres = 0.5 * (edges[1:] + edges[:-1])
+    flags = _summarise_chunk(counts[None, :].astype(float), centres, (0.5,), valley_ratio,
+                             min_mode_mass, edge_ratio, mode_step=0.0)
+    return {"oh": float(q50), "oh_lo": float(q16), "oh_hi": float(q84),
+            "mode": float(flat[best]), "chi2_min": float(-2.0 * logp[best]),
+            "bimodal": bool(flags["bimodal"][0]), "at_edge": bool(flags["at_edge"][0])}
+
+
 def _emcee_one_pixel(args: tuple) -> tuple:
-    obs, weight, coeffs, x_offset, lo, hi, nwalkers, nsteps, burn, seed, keep = args
+    (obs, weight, calibrations, lo, hi, nwalkers, nsteps, burn, seed, keep, criteria) = args
     import emcee
 
     rng = np.random.default_rng(seed)
-    log_prob = _log_prob_factory(obs, weight, coeffs, x_offset, lo, hi)
+    log_prob = _log_prob_factory(obs, weight, calibrations, lo, hi)
     start = rng.uniform(lo, hi, size=(nwalkers, 1))
     start = np.clip(start, lo + 1e-9, hi - 1e-9)
     sampler = emcee.EnsembleSampler(nwalkers, 1, log_prob, vectorize=True)
     sampler.random_state = np.random.RandomState(int(rng.integers(2**31))).get_state()
     sampler.run_mcmc(start, nsteps, progress=False)
     chain = sampler.get_chain(discard=burn)  # (steps, walkers, 1)
-    tau = float(emcee.autocorr.integrated_time(chain, tol=0, quiet=True)[0])
+    with np.errstate(invalid="ignore", divide="ignore"):  # a chain that has not moved
+        tau = float(emcee.autocorr.integrated_time(chain, tol=0, quiet=True)[0])
     converged = bool(np.isfinite(tau) and chain.shape[0] > 50 * tau)
     flat = chain[:, :, 0].ravel()
-    q16, q50, q84 = np.percentile(flat, [16, 50, 84])
+    summary = chain_summary(flat, sampler.get_log_prob(discard=burn).ravel(), lo=lo, hi=hi,
+                            **criteria)
     acceptance = float(np.mean(sampler.acceptance_fraction))
-    return q50, q16, q84, tau, converged, acceptance, (flat if keep else None)
+    return summary, tau, converged, acceptance, (flat if keep else None)
 
 
 def posterior_emcee(log_r_obs: np.ndarray, log_r_err: np.ndarray, diagnostics: Sequence[str], *,
                     calibration_set: str = "C20", nwalkers: int = 32, nsteps: int = 2000,
                     burn: int | None = None, seed: int = 0, n_processes: int = 1,
-                    return_samples: bool = False, grid_range: tuple[float, float] | None = None
-                    ) -> dict[str, np.ndarray]:
+                    return_samples: bool = False, grid_range: tuple[float, float] | None = None,
+                    valley_ratio: float = VALLEY_RATIO, min_mode_mass: float = MIN_MODE_MASS,
+                    edge_ratio: float = EDGE_RATIO) -> dict[str, np.ndarray]:
     """Sample the eq. (1) posterior of each pixel with emcee (K20 §3.4), for comparison.
 
     One ensemble per pixel (``vectorize=True`` over walkers), pixels looped or
@@ -378,6 +447,8 @@ def posterior_emcee(log_r_obs: np.ndarray, log_r_err: np.ndarray, diagnostics: S
     (default nsteps // 5) are discarded; ``tau`` is the integrated
     autocorrelation time of the kept chain, and ``converged`` means kept steps
     > 50 tau (a short chain gives ``converged=False``, never an exception).
+    ln p is :func:`chi2_eq1` on :func:`calibrated_log_ratios`, the functions of the
+    grid posterior; every summary and flag comes from the chains (:func:`chain_summary`).
 
     Parameters
     ----------
@@ -385,12 +456,17 @@ def posterior_emcee(log_r_obs: np.ndarray, log_r_err: np.ndarray, diagnostics: S
         As for :func:`posterior_grid`.
     nwalkers : int
         Walkers per pixel (>= 2 ndim = 2; emcee's stretch move needs an even number >= 2).
+    grid_range : (float, float), optional
+        Prior range (default: the common validity range, as the grid).
+    valley_ratio, min_mode_mass, edge_ratio : float
+        Bimodality and edge criteria (module docstring), applied to the chains.
 
     Returns
     -------
     dict
-        ``oh``, ``oh_lo``, ``oh_hi``, ``tau``, ``converged``, ``acceptance`` (shape
-        ``log_r_obs.shape[:-1]``); ``samples`` (list of flat chains) if requested.
+        ``oh``, ``oh_lo``, ``oh_hi``, ``mode``, ``chi2_min``, ``bimodal``, ``at_edge``,
+        ``n_diagnostics``, ``no_diagnostic``, ``tau``, ``converged``, ``acceptance``
+        (shape ``log_r_obs.shape[:-1]``); ``samples`` (list of flat chains) if requested.
 
     References
     ----------
@@ -398,9 +474,7 @@ def posterior_emcee(log_r_obs: np.ndarray, log_r_err: np.ndarray, diagnostics: S
     """
     if nwalkers < 2 or nwalkers % 2:
         raise ConfigError(f"nwalkers={nwalkers}: use an even number >= 2 (2 x ndim)")
-    obs_in = np.asarray(log_r_obs, dtype=float)
-    err_in = np.asarray(log_r_err, dtype=float)
-    n_diag = len(diagnostics)
+    obs_in, err_in, n_diag = _observations(log_r_obs, log_r_err, diagnostics)
     lead = obs_in.shape[:-1]
     cals = [get_calibration(d, calibration_set) for d in diagnostics]
     sigma = np.array([c.sigma for c in cals])
@@ -408,14 +482,17 @@ def posterior_emcee(log_r_obs: np.ndarray, log_r_err: np.ndarray, diagnostics: S
                                                                         calibration_set)
     obs, weight = _weights(obs_in.reshape(-1, n_diag), err_in.reshape(-1, n_diag), sigma)
     burn = nsteps // 5 if burn is None else burn
-    coeffs = [np.asarray(c.coefficients) for c in cals]
-    x_offset = cals[0].x_offset
+    criteria = {"valley_ratio": valley_ratio, "min_mode_mass": min_mode_mass,
+                "edge_ratio": edge_ratio}
     n_pix = obs.shape[0]
-    out = {key: np.full(n_pix, np.nan) for key in ("oh", "oh_lo", "oh_hi", "tau", "acceptance")}
-    out["converged"] = np.zeros(n_pix, dtype=bool)
-    todo = np.flatnonzero((weight > 0).any(axis=1))
-    tasks = [(obs[i], weight[i], coeffs, x_offset, lo, hi, nwalkers, nsteps, burn,
-              seed + int(i), return_samples) for i in todo]
+    keys = ("oh", "oh_lo", "oh_hi", "mode", "chi2_min", "tau", "acceptance")
+    out = {key: np.full(n_pix, np.nan) for key in keys}
+    for key in ("converged", "bimodal", "at_edge"):
+        out[key] = np.zeros(n_pix, dtype=bool)
+    n_used = (weight > 0).sum(axis=1)
+    todo = np.flatnonzero(n_used > 0)
+    tasks = [(obs[i], weight[i], cals, lo, hi, nwalkers, nsteps, burn, seed + int(i),
+              return_samples, criteria) for i in todo]
     if n_processes > 1 and len(tasks) > 1:
         from concurrent.futures import ProcessPoolExecutor
 
@@ -425,10 +502,13 @@ def posterior_emcee(log_r_obs: np.ndarray, log_r_err: np.ndarray, diagnostics: S
     else:
         results = [_emcee_one_pixel(task) for task in tasks]
     samples: list[np.ndarray | None] = [None] * n_pix
-    for i, res in zip(todo, results, strict=True):
-        out["oh"][i], out["oh_lo"][i], out["oh_hi"][i] = res[0], res[1], res[2]
-        out["tau"][i], out["converged"][i], out["acceptance"][i] = res[3], res[4], res[5]
-        samples[i] = res[6]
+    for i, (summary, tau, converged, acceptance, flat) in zip(todo, results, strict=True):
+        for key, value in summary.items():
+            out[key][i] = value
+        out["tau"][i], out["converged"][i], out["acceptance"][i] = tau, converged, acceptance
+        samples[i] = flat
+    out["n_diagnostics"] = n_used
+    out["no_diagnostic"] = n_used == 0
     final = {key: value.reshape(lead) for key, value in out.items()}
     if return_samples:
         final["samples"] = samples
@@ -605,7 +685,9 @@ def metallicity_map(
         Global E(B-V) for pixels without a good Hbeta (default: Balmer decrement of
         the summed map).
     method : {"grid", "emcee"}
-        Exact grid posterior (default) or the paper's emcee sampling.
+        Exact grid posterior (default) or the paper's emcee sampling (then the
+        quantiles, ``mode``, ``chi2_min``, ``bimodal`` and ``at_edge`` come from the
+        chains, :func:`chain_summary`; ``grid_step``, ``chunk_size``, ``n_threads`` unused).
     grid_step : float
         Grid step in dex (default 0.001).
     snr_min_strong, snr_min_weak : float
@@ -644,7 +726,7 @@ def metallicity_map(
     Examples
     --------
     >>> import xarray as xr
-    >>> from klever_nb.calibrations import get_calibration
+    >>> from klever_nb.calibrations import Calibration, get_calibration
     >>> lines = ["Hbeta", "OIII_5007", "Halpha", "NII_6584"]
     >>> r3, n2 = (10 ** get_calibration(d).log_ratio(8.4) for d in ("R3", "N2"))
     >>> maps = xr.Dataset({"flux": ("line", [1.0, r3, 2.87, 2.87 * n2]),
@@ -699,18 +781,13 @@ def metallicity_map(
         summary = {"oh": nan, "oh_lo": nan, "oh_hi": nan, "mode": nan, "chi2_min": nan,
                    "bimodal": np.zeros(shape, bool), "at_edge": np.zeros(shape, bool),
                    "n_diagnostics": np.zeros(shape, int), "no_diagnostic": np.ones(shape, bool)}
+    elif method == "emcee":  # every summary and flag from the chains that were run
+        summary = posterior_emcee(log_r, log_r_err, chosen, calibration_set=calibration_set,
+                                  **dict(emcee_kwargs or {}))
     else:
         grid = make_grid(chosen, calibration_set=calibration_set, step=grid_step)
         summary = grid_summary(log_r, log_r_err, chosen, calibration_set=calibration_set,
                                grid=grid, chunk_size=chunk_size, n_threads=n_threads)
-        if method == "emcee":
-            options = {"grid_range": (grid[0], grid[-1])} | dict(emcee_kwargs or {})
-            sampled = posterior_emcee(log_r, log_r_err, chosen,
-                                      calibration_set=calibration_set, **options)
-            for key in ("oh", "oh_lo", "oh_hi"):
-                summary[key] = sampled[key]
-            summary["tau"] = sampled["tau"]
-            summary["converged"] = sampled["converged"]
 
     n_used = np.asarray(summary["n_diagnostics"])
     with np.errstate(invalid="ignore"):
@@ -732,7 +809,7 @@ def metallicity_map(
         "oh_hi": var(summary["oh_hi"], "84th percentile of 12+log(O/H)", dex),
         "oh_err_lo": var(summary["oh"] - summary["oh_lo"], "median - 16th percentile", dex),
         "oh_err_hi": var(summary["oh_hi"] - summary["oh"], "84th percentile - median", dex),
-        "mode": var(summary["mode"], "posterior mode (grid)", dex),
+        "mode": var(summary["mode"], "posterior mode (grid node or highest-ln p sample)", dex),
         "chi2_min": var(summary["chi2_min"], "minimum chi^2 of K20 eq. (1)"),
         "n_diagnostics": var(n_used.astype(np.int16), "diagnostics used in this pixel"),
         "bimodal": var(summary["bimodal"], "two separated posterior modes"),

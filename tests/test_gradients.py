@@ -262,17 +262,67 @@ def test_gradient_figure_draws_map_annuli_and_profile():
     assert "PSF HWHM size" in labels and "global" in labels
 
 
-def test_local_metallicity_inversion_matches_the_metallicity_module():
-    pytest.importorskip("klever_nb.metallicity")
+def test_mean_ratio_route_is_the_metallicity_grid_posterior():
+    """oh_from_log_ratios is grid_summary on the same inputs (no engine of its own)."""
+    from klever_nb.metallicity import grid_summary, make_grid
+
     rng = np.random.default_rng(2)
     truth = rng.uniform(7.9, 8.7, 50)
     ratios = {d: (get_calibration(d).log_ratio(truth) + rng.normal(0, 0.05, 50),
                   np.full(50, 0.05)) for d in ("N2", "R3")}
     ratios["R3"][0][:5] = np.nan  # a missing diagnostic in some pixels
-    local = g.oh_from_log_ratios(ratios, engine="local")
-    package = g.oh_from_log_ratios(ratios, engine="metallicity")
-    for a, b in zip(local, package, strict=True):
-        assert np.allclose(a, b, atol=2e-3)
+    med, lo, hi = g.oh_from_log_ratios(ratios)
+    obs = np.stack([ratios[d][0] for d in ("N2", "R3")], axis=-1)
+    err = np.stack([ratios[d][1] for d in ("N2", "R3")], axis=-1)
+    ref = grid_summary(obs, err, ["N2", "R3"], grid=make_grid(["N2", "R3"]))
+    for a, key in ((med, "oh"), (lo, "oh_lo"), (hi, "oh_hi")):
+        assert np.allclose(a, ref[key], rtol=0, atol=1e-10)
+
+
+def test_mean_ratio_profile_calls_the_one_posterior(monkeypatch):
+    import klever_nb.gradients.profile as profile_module
+
+    ys, xs, yy, xx = _grid(12)
+    r = np.hypot(xx, yy)
+    maps = _line_maps_from_oh(8.5 - 0.04 * r, ys, xs, np.exp(-r / 1.5))
+    calls = []
+    real = profile_module.grid_summary
+
+    def spy(*args, **kwargs):
+        calls.append(args[2])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(profile_module, "grid_summary", spy)
+    ratios = g.log_ratio_maps(maps, ["N2", "R3"])
+    med, lo, hi = g.oh_from_log_ratios(ratios)
+    ds = xr.Dataset({"oh": (("ys", "xs"), med), "oh_lo": (("ys", "xs"), lo),
+                     "oh_hi": (("ys", "xs"), hi)}, coords={"ys": ys, "xs": xs},
+                    attrs={"diagnostics_used": "R3,N2"})
+    g.radial_profile(ds, psf=PSF, method="mean_ratio", line_maps=maps)
+    assert calls == [["N2", "R3"], ["R3", "N2"]]
+
+
+def test_log_ratio_maps_follow_the_ratio_definitions():
+    """Values and first-order errors equal the closed form of a ratio of sums."""
+    ys, xs, yy, xx = _grid(6)
+    rng = np.random.default_rng(7)
+    lines = ["Halpha", "NII_6584", "SII_6717", "SII_6731", "Hbeta", "OIII_5007",
+             "OII_3727", "OII_3729"]
+    flux = rng.uniform(0.5, 2.0, (len(lines), ys.size, xs.size))
+    err = 0.1 * rng.uniform(0.5, 1.5, flux.shape)
+    maps = xr.Dataset({"flux": (("line", "ys", "xs"), flux),
+                       "flux_err": (("line", "ys", "xs"), err)},
+                      coords={"line": lines, "ys": ys, "xs": xs})
+    f = {n: flux[i] for i, n in enumerate(lines)}
+    e = {n: err[i] for i, n in enumerate(lines)}
+    out = g.log_ratio_maps(maps, ["N2", "R3", "S2", "R2", "O3O2"])
+    for d, (num, den) in g.DIAGNOSTIC_LINES.items():
+        fn, fd = sum(f[n] for n in num), sum(f[n] for n in den)
+        vn, vd = sum(e[n] ** 2 for n in num), sum(e[n] ** 2 for n in den)
+        assert np.allclose(out[d][0], np.log10(fn / fd), rtol=0, atol=1e-12)
+        assert np.allclose(out[d][1], np.sqrt(vn / fn**2 + vd / fd**2) / np.log(10), rtol=1e-12)
+    assert g.DIAGNOSTIC_LINES["S2"] == (("SII_6717", "SII_6731"), ("Halpha",))
+    assert g.DIAGNOSTIC_LINES["O3O2"] == (("OIII_5007",), ("OII_3727", "OII_3729"))
 
 
 def test_a_short_emcee_chain_is_flagged_not_raised():

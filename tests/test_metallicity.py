@@ -304,13 +304,146 @@ def test_emcee_vectorised_log_prob_equals_looped():
 
     cals = [get_calibration(d) for d in DIAGS]
     obs, weight = np.array([0.3, -0.8, -0.9]), np.array([100.0, 50.0, 80.0])
-    log_prob = _log_prob_factory(obs, weight, [np.array(c.coefficients) for c in cals], 8.69,
-                                 7.6, 8.9)
+    log_prob = _log_prob_factory(obs, weight, cals, 7.6, 8.9)
     theta = np.array([[7.5], [7.7], [8.2], [8.8], [9.0]])
     vector = log_prob(theta)
     looped = [log_prob(t[None, :])[0] for t in theta]
     assert np.array_equal(vector, looped)
     assert np.isneginf(vector[[0, 4]]).all() and np.isfinite(vector[1:4]).all()
+
+
+# --------------------------------------------------------------------------- one eq. (1)
+def _closed_form_log_r(diagnostic, oh):
+    """sum_n c_n (oh - 8.69)^n written out from the C20 coefficients (FACTS.md §1.3)."""
+    coefficients = get_calibration(diagnostic).coefficients
+    return sum(c * (oh - 8.69) ** n for n, c in enumerate(coefficients))
+
+
+def test_calibration_polynomials_at_known_points():
+    # at the solar point x = 0: log R = c0 (FACTS.md §1.3 table)
+    for diagnostic, c0 in (("R3", -0.277), ("N2", -0.489), ("S2", -0.442), ("R2", 0.435),
+                           ("O3O2", -0.691)):
+        assert float(get_calibration(diagnostic).log_ratio(8.69)) == pytest.approx(c0, abs=1e-12)
+    # one step away: x = -0.69 at 12+log(O/H) = 8.0
+    x = -0.69
+    expected = -0.277 - 3.549 * x - 3.593 * x**2 - 0.981 * x**3
+    assert float(get_calibration("R3").log_ratio(8.0)) == pytest.approx(expected, abs=1e-12)
+    # the turnover of R3 (FACTS.md §1.4): maximum 0.784 at 8.003
+    assert float(get_calibration("R3").log_ratio(8.003)) == pytest.approx(0.784, abs=1e-3)
+
+
+def test_the_eq1_routes_agree_with_the_closed_form():
+    """Grid reference, fast grid, emcee ln p and the mean_ratio route: one chi^2, to 1e-10."""
+    from klever_nb.gradients import oh_from_log_ratios
+    from klever_nb.metallicity import _log_prob_factory, _weights, chi2_eq1
+
+    points = np.array([7.7, 8.0, 8.3, 8.5, 8.69, 8.85])
+    cals = [get_calibration(d) for d in DIAGS]
+    obs = np.array([0.45, -0.75, -0.8])
+    err = np.array([0.05, 0.1, 0.02])
+    weight = 1.0 / (err**2 + np.array([c.sigma for c in cals]) ** 2)
+    closed = np.array([sum(w * (o - _closed_form_log_r(d, x)) ** 2
+                           for d, o, w in zip(DIAGS, obs, weight, strict=True)) for x in points])
+
+    obs0, w0 = _weights(obs[None], err[None], np.array([c.sigma for c in cals]))
+    assert np.allclose(w0[0], weight, rtol=1e-14, atol=0)
+    model = np.array([[_closed_form_log_r(d, x) for x in points] for d in DIAGS])
+    assert np.allclose(chi2_eq1(obs0, w0, model)[0], closed, rtol=0, atol=1e-10)
+    # emcee: ln p = -chi^2 / 2
+    log_prob = _log_prob_factory(obs, weight, cals, 7.6, 8.9)
+    assert np.allclose(log_prob(points[:, None]), -0.5 * closed, rtol=0, atol=1e-10)
+    # reference grid posterior: log density differences are chi^2 differences
+    post = posterior_grid(obs, err, DIAGS, grid=points)
+    assert np.allclose(np.log(post / post[0]), -0.5 * (closed - closed[0]), rtol=0, atol=1e-10)
+    # fast grid: chi2_min and mode on the same nodes
+    fast = grid_summary(obs, err, DIAGS, grid=points)
+    assert float(fast["chi2_min"]) == pytest.approx(closed.min(), abs=1e-10)
+    assert float(fast["mode"]) == points[np.argmin(closed)]
+    # mean_ratio route: the same function, the same numbers
+    dense = make_grid(DIAGS)
+    ratios = {d: (np.array([o]), np.array([e])) for d, o, e in zip(DIAGS, obs, err, strict=True)}
+    med, lo, hi = oh_from_log_ratios(ratios, grid=dense)
+    ref = grid_summary(obs, err, DIAGS, grid=dense)
+    for a, key in ((med, "oh"), (lo, "oh_lo"), (hi, "oh_hi")):
+        assert np.allclose(a, ref[key], rtol=0, atol=1e-10)
+
+
+def test_exact_ratios_give_chi2_zero_at_the_truth_on_every_route():
+    from klever_nb.metallicity import _log_prob_factory, _weights
+
+    truth = 8.3
+    obs = np.array([_closed_form_log_r(d, truth) for d in DIAGS])
+    err = np.full(3, 0.05)
+    cals = [get_calibration(d) for d in DIAGS]
+    _, weight = _weights(obs[None], err[None], np.array([c.sigma for c in cals]))
+    assert _log_prob_factory(obs, weight[0], cals, 7.6, 8.9)(np.array([[truth]]))[0] == \
+        pytest.approx(0.0, abs=1e-10)
+    grid = make_grid(DIAGS)
+    fast = grid_summary(obs, err, DIAGS, grid=grid)
+    assert float(fast["chi2_min"]) == pytest.approx(0.0, abs=1e-10)
+    assert float(fast["mode"]) == pytest.approx(truth, abs=1e-9)
+    post = posterior_grid(obs, err, DIAGS, grid=grid)
+    assert grid[np.argmax(post)] == pytest.approx(truth, abs=1e-9)
+
+
+# --------------------------------------------------------------------------- emcee flags
+def test_chain_summary_flags_follow_the_samples():
+    from klever_nb.metallicity import chain_summary
+
+    rng = np.random.default_rng(3)
+    one = rng.normal(8.3, 0.05, 40_000)
+    two = np.concatenate([rng.normal(7.9, 0.04, 20_000), rng.normal(8.6, 0.04, 20_000)])
+    edge = 7.6 + np.abs(rng.normal(0, 0.1, 40_000))
+    logp = -np.abs(one - 8.3)  # highest ln p at the sample nearest 8.3
+    s1 = chain_summary(one, logp, lo=7.6, hi=8.9)
+    assert not s1["bimodal"] and not s1["at_edge"]
+    assert s1["mode"] == pytest.approx(8.3, abs=1e-3) and s1["chi2_min"] == pytest.approx(0, abs=2e-3)
+    assert s1["oh"] == pytest.approx(8.3, abs=0.005)
+    assert chain_summary(two, np.zeros_like(two), lo=7.6, hi=8.9)["bimodal"]
+    assert chain_summary(edge, np.zeros_like(edge), lo=7.6, hi=8.9)["at_edge"]
+
+
+def test_chain_flags_equal_grid_flags_when_the_chain_samples_the_grid_posterior():
+    """Samples drawn from the exact posterior (inverse CDF) carry its flags."""
+    from klever_nb.metallicity import chain_summary
+
+    rng = np.random.default_rng(4)
+    grid = make_grid(["R3"])
+    cases = {"bimodal": [0.6], "unimodal": [0.1], "edge": [-1.3]}  # R3 alone: two branches
+    for name, value in cases.items():
+        obs, err = np.array(value), np.array([0.05])
+        post = posterior_grid(obs, err, ["R3"], grid=grid)
+        cdf = np.concatenate([[0.0], np.cumsum(0.5 * (post[1:] + post[:-1]) * np.diff(grid))])
+        samples = np.interp(rng.random(60_000), cdf / cdf[-1], grid)
+        chain = chain_summary(samples, np.zeros_like(samples), lo=grid[0], hi=grid[-1])
+        exact = summarize_posterior(post, grid)
+        assert chain["bimodal"] == bool(exact["bimodal"]), name
+        assert chain["at_edge"] == bool(exact["at_edge"]), name
+    assert summarize_posterior(posterior_grid(np.array([0.6]), np.array([0.05]), ["R3"],
+                                              grid=grid), grid)["bimodal"]
+
+
+def test_emcee_flags_come_from_the_chains_not_from_a_grid(monkeypatch):
+    """A 3-step chain has not left its uniform start: at_edge from the chain, not the grid."""
+    import klever_nb.metallicity as met
+
+    maps = line_maps(np.array([8.3]), snr=100.0, dims=("pix",))
+    grid = metallicity_map(maps, diagnostics=["R3", "N2"])
+    assert not grid["at_edge"].any() and not grid["bimodal"].any()
+
+    def no_grid(*args, **kwargs):
+        raise AssertionError("grid_summary called in emcee mode")
+
+    monkeypatch.setattr(met, "grid_summary", no_grid)
+    kwargs = {"nwalkers": 64, "nsteps": 3, "burn": 0, "seed": 5}
+    out = metallicity_map(maps, diagnostics=["R3", "N2"], method="emcee", emcee_kwargs=kwargs)
+    sampled = posterior_emcee(out["log_ratio"].values.T, out["log_ratio_err"].values.T,
+                              ["R3", "N2"], **kwargs)
+    assert out["at_edge"].values.all() and not out["converged"].values.any()
+    for key in ("oh", "oh_lo", "oh_hi", "mode", "chi2_min", "bimodal", "at_edge"):
+        assert np.array_equal(out[key].values, sampled[key], equal_nan=True), key
+    # the chain's best sample is its chi^2 minimum, worse than the grid's
+    assert (out["chi2_min"].values >= grid["chi2_min"].values - 1e-9).all()
 
 
 def test_metallicity_map_emcee_method():
@@ -320,6 +453,10 @@ def test_metallicity_map_emcee_method():
     grid = metallicity_map(maps, diagnostics=["R3", "N2"])
     assert out.attrs["method"] == "emcee" and "converged" in out
     assert np.allclose(out["oh"], grid["oh"], atol=0.01)
+    assert np.allclose(out["mode"], grid["mode"], atol=0.01)
+    assert np.allclose(out["chi2_min"], grid["chi2_min"], atol=0.05)
+    assert np.array_equal(out["bimodal"], grid["bimodal"])
+    assert np.array_equal(out["at_edge"], grid["at_edge"])
 
 
 # --------------------------------------------------------------------------- mock observatory

@@ -24,14 +24,22 @@ from klever_nb.gradients.annuli import (
     psf_axes,
     psf_linear_size_kpc,
 )
+from klever_nb.metallicity import grid_summary, make_grid
+from klever_nb.ratios import DIAGNOSTICS, log_ratio_from_fluxes
 
-#: Line ratios that are a ratio of sums of lines (numerator, denominator), FACTS.md §1.2.
+
+def _ratio_of_sums(name: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(numerator lines, denominator lines) of a one-term ratio of :data:`klever_nb.ratios.DIAGNOSTICS`."""
+    (term,) = DIAGNOSTICS[name].terms
+    num = tuple(line for combo, e in term if e > 0 for line, _ in combo)
+    den = tuple(line for combo, e in term if e < 0 for line, _ in combo)
+    return num, den
+
+
+#: Diagnostics that are a ratio of sums of lines (numerator, denominator): the lines of their
+#: one definition in :data:`klever_nb.ratios.DIAGNOSTICS` (FACTS.md §1.2).
 DIAGNOSTIC_LINES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "N2": (("NII_6584",), ("Halpha",)),
-    "R3": (("OIII_5007",), ("Hbeta",)),
-    "S2": (("SII_6717", "SII_6731"), ("Halpha",)),
-    "R2": (("OII_3727", "OII_3729"), ("Hbeta",)),
-    "O3O2": (("OIII_5007",), ("OII_3727", "OII_3729")),
+    name: _ratio_of_sums(name) for name in ("N2", "R3", "S2", "R2", "O3O2")
 }
 
 
@@ -265,85 +273,45 @@ def _diagnostics_of(metallicity: xr.Dataset, diagnostics: Sequence[str] | None,
 
 
 def log_ratio_maps(line_maps: xr.Dataset, diagnostics: Sequence[str]) -> dict[str, tuple]:
-    """log10 of each diagnostic ratio and its 1 sigma (first-order propagation) per pixel."""
+    """log10 of each diagnostic ratio and its 1 sigma (first-order propagation) per pixel.
+
+    The ratio and its derivatives come from :func:`klever_nb.ratios.log_ratio_from_fluxes`
+    (no SNR cut, no dust correction): sigma^2 = sum_i (d log R/d log F_i)^2 (s_i/(F_i ln 10))^2.
+    """
     flux, ferr = line_maps["flux"], line_maps["flux_err"]
     out = {}
     for d in diagnostics:
         num, den = DIAGNOSTIC_LINES[d]
-        f_num = sum(flux.sel(line=n) for n in num)
-        f_den = sum(flux.sel(line=n) for n in den)
-        v_num = sum(ferr.sel(line=n) ** 2 for n in num)
-        v_den = sum(ferr.sel(line=n) ** 2 for n in den)
+        lines = num + den
+        values = {n: np.asarray(flux.sel(line=n), dtype=float) for n in lines}
+        log_r, jac = log_ratio_from_fluxes(d, values)
+        variance = np.zeros_like(log_r)
         with np.errstate(invalid="ignore", divide="ignore"):
-            ratio = np.log10(f_num / f_den)
-            err = np.sqrt(v_num / f_num**2 + v_den / f_den**2) / np.log(10.0)
-        out[d] = (np.asarray(ratio), np.asarray(err))
+            for n in lines:
+                rel = np.asarray(ferr.sel(line=n), dtype=float) / (values[n] * np.log(10.0))
+                variance = variance + (jac[n] * rel) ** 2
+        out[d] = (log_r, np.where(np.isfinite(log_r), np.sqrt(variance), np.nan))
     return out
 
 
 def oh_from_log_ratios(log_ratios: Mapping[str, tuple[np.ndarray, np.ndarray]], *,
-                       calibration_set: str = "C20", grid: np.ndarray | None = None,
-                       engine: str = "auto") -> tuple[np.ndarray, ...]:
+                       calibration_set: str = "C20", grid: np.ndarray | None = None
+                       ) -> tuple[np.ndarray, ...]:
     """12+log(O/H) posterior median, 16th and 84th percentiles from log ratios (K20 eq. 1).
 
-    chi^2(x) = sum_i (log R_i - log R_cal,i(x))^2 / (sigma_obs,i^2 + sigma_cal,i^2), flat prior
-    on the calibrations' validity range, evaluated exactly on a grid for all pixels at once
-    (FACTS.md §12). ``engine="auto"`` uses :func:`klever_nb.metallicity.grid_summary` when
-    that module is importable, else the local implementation below (``"local"``), which is
-    kept as its slow twin; used by ``method="mean_ratio"`` and by the benchmarks.
+    ``log_ratios`` maps a diagnostic to (log R, its 1 sigma) arrays of one shape. The
+    posterior is the package's one eq. (1) grid posterior,
+    :func:`klever_nb.metallicity.grid_summary` (default grid
+    :func:`klever_nb.metallicity.make_grid`); this only arranges the dict into its arrays.
+    Used by ``method="mean_ratio"`` and by the benchmarks.
     """
-    from klever_nb.calibrations import get_calibration
-
-    if engine not in ("auto", "local", "metallicity"):
-        raise ConfigError(f"engine: must be 'auto', 'local' or 'metallicity', got {engine!r}")
-    if engine != "local":
-        try:
-            from klever_nb.metallicity import grid_summary, make_grid
-        except ImportError:
-            if engine == "metallicity":
-                raise
-        else:
-            diags = list(log_ratios)
-            obs = np.stack([np.asarray(log_ratios[d][0], float) for d in diags], axis=-1)
-            err = np.stack([np.asarray(log_ratios[d][1], float) for d in diags], axis=-1)
-            grid = make_grid(diags, calibration_set=calibration_set) if grid is None else grid
-            out = grid_summary(obs, err, diags, calibration_set=calibration_set, grid=grid,
-                               n_threads=1)
-            return out["oh"], out["oh_lo"], out["oh_hi"]
-    cals = {d: get_calibration(d, calibration_set) for d in log_ratios}
-    if grid is None:
-        lo = max(c.oh_min for c in cals.values())
-        hi = min(c.oh_max for c in cals.values())
-        grid = np.linspace(lo, hi, 1301)
-    models = {d: cals[d].log_ratio(grid) for d in cals}
-    shape = np.shape(next(iter(log_ratios.values()))[0])
-    flat = {d: (np.ravel(np.asarray(v, float)), np.ravel(np.asarray(e, float)))
-            for d, (v, e) in log_ratios.items()}
-    n = int(np.prod(shape))
-    out = np.full((3, n), np.nan)
-    chunk = max(1, 2_000_000 // grid.size)
-    for start in range(0, n, chunk):
-        sl = slice(start, min(start + chunk, n))
-        chi2 = np.zeros((sl.stop - sl.start, grid.size))
-        any_valid = np.zeros(sl.stop - sl.start, bool)
-        for d, (value, err) in flat.items():
-            v, e = value[sl], err[sl]
-            ok = np.isfinite(v) & np.isfinite(e)
-            any_valid |= ok
-            var = np.where(ok, e**2 + cals[d].sigma ** 2, 1.0)
-            chi2 += np.where(ok[:, None], (np.nan_to_num(v)[:, None] - models[d]) ** 2
-                             / var[:, None], 0.0)
-        post = np.exp(-0.5 * (chi2 - chi2.min(axis=1, keepdims=True)))
-        cdf = np.cumsum(post, axis=1)
-        cdf /= cdf[:, -1:]
-        for k, p in enumerate((0.5, 0.16, 0.84)):
-            idx = np.clip(np.argmax(cdf >= p, axis=1), 1, grid.size - 1)
-            rows = np.arange(idx.size)
-            c0, c1 = cdf[rows, idx - 1], cdf[rows, idx]
-            frac = np.clip((p - c0) / np.where(c1 > c0, c1 - c0, 1.0), 0.0, 1.0)
-            value = grid[idx - 1] + frac * (grid[idx] - grid[idx - 1])
-            out[k, sl] = np.where(any_valid, value, np.nan)
-    return tuple(o.reshape(shape) for o in out)
+    diags = list(log_ratios)
+    obs = np.stack([np.asarray(log_ratios[d][0], float) for d in diags], axis=-1)
+    err = np.stack([np.asarray(log_ratios[d][1], float) for d in diags], axis=-1)
+    grid = make_grid(diags, calibration_set=calibration_set) if grid is None else grid
+    out = grid_summary(obs, err, diags, calibration_set=calibration_set, grid=grid,
+                       n_threads=1)
+    return out["oh"], out["oh_lo"], out["oh_hi"]
 
 
 def _profile_from_mean_ratios(metallicity, line_maps, weights, *, diagnostics,
