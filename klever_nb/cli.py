@@ -74,14 +74,32 @@ def _add_fit(sub) -> None:
 
 def _add_sample(sub) -> None:
     p = sub.add_parser("sample", help="run many galaxies (resumes; dask scheduler optional)",
-                       description="Run every galaxy of a sample TOML file; galaxies whose "
-                       "products are up to date are skipped.")
+                       description="Validate every galaxy of a sample TOML file (all problems "
+                       "listed at once), run the valid ones (finished galaxies are skipped "
+                       "on a rerun), report failures, and write OUT/sample.csv and "
+                       "OUT/sample.nc. Exit status 1 when any galaxy is invalid or failed.")
     p.add_argument("sample", type=Path, help="sample TOML file")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--scheduler", default=None,
                    help="dask scheduler address, or 'local' for a local cluster "
                    "(default: run in this process)")
+    p.add_argument("--workers", type=int, default=2,
+                   help="workers of the local dask cluster (default 2)")
+    p.add_argument("--method", choices=["default", "k20"], default=None,
+                   help="overrides [analysis] method of every galaxy")
     p.add_argument("--force", action="store_true", help="rerun stages even if up to date")
+
+
+def _add_figures(sub) -> None:
+    p = sub.add_parser("figures", help="draw the paper's figures (PNG + PDF)",
+                       description="Draw K20 Figs 4-11 from a sample results folder "
+                       "(klever-nb sample --out DIR) and/or the paper's own tables shipped "
+                       "with the package; every figure is written as PNG and PDF.")
+    p.add_argument("--results", type=Path, default=None,
+                   help="results folder of klever-nb sample (default: the paper's tables only)")
+    p.add_argument("--out", type=Path, required=True, help="folder for the figures")
+    p.add_argument("--no-paper", action="store_true",
+                   help="do not draw the paper's tabulated galaxies beside the run's")
 
 
 def _add_lab(sub) -> None:
@@ -97,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
         "metallicity maps and gradients (Curti et al. 2020).")
     parser.add_argument("--version", action="version", version=f"klever_nb {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_demo, _add_mock, _add_run, _add_fit, _add_sample, _add_lab):
+    for add in (_add_demo, _add_mock, _add_run, _add_fit, _add_sample, _add_figures,
+                _add_lab):
         add(sub)
     return parser
 
@@ -146,11 +165,29 @@ def _cmd_fit(args) -> int:
 
 
 def _cmd_sample(args) -> int:
-    from klever_nb import pipeline
+    from klever_nb import sample_run
 
-    results = pipeline.run_sample(args.sample, args.out, force=args.force,
-                                  scheduler=args.scheduler)
-    print(f"{len(results)} galaxies; products in {args.out.resolve()}")
+    if args.workers < 1:
+        raise KleverError(f"--workers must be >= 1, got {args.workers}")
+
+    def report(line: str) -> None:
+        print(f"klever-nb sample: {line}", file=sys.stderr, flush=True)
+
+    result = sample_run.run_sample(args.sample, args.out, force=args.force,
+                                   scheduler=args.scheduler, workers=args.workers,
+                                   method=args.method, report=report)
+    counts = {s: sum(r["status"] == s for r in result.rows) for s in sample_run.STATUSES}
+    print(f"{len(result.rows)} galaxies: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
+    print(f"sample table: {result.csv} and {result.netcdf}")
+    return 1 if result.failed else 0
+
+
+def _cmd_figures(args) -> int:
+    from klever_nb import figures
+
+    written = figures.write_figures(args.out, results=args.results, paper=not args.no_paper)
+    for path in written:
+        print(path)
     return 0
 
 
@@ -163,7 +200,7 @@ def _cmd_lab(args) -> int:
 
 
 COMMANDS = {"demo": _cmd_demo, "mock": _cmd_mock, "run": _cmd_run, "fit": _cmd_fit,
-            "sample": _cmd_sample, "lab": _cmd_lab}
+            "sample": _cmd_sample, "figures": _cmd_figures, "lab": _cmd_lab}
 
 
 def main(argv: list[str] | None = None) -> int:
