@@ -385,7 +385,7 @@ def _lens_stage(maps: xr.Dataset, cfg: GalaxyConfig, lens: xr.Dataset | None,
         source, info = lensing.reconstruct_source_plane(
             line_maps, lens, redshift=cfg.redshift, cube_wcs=cube_wcs,
             psf_fwhm_arcsec=psf_fwhm, source_pixel_arcsec=s.source_pixel_arcsec,
-            alternatives=alternatives, shift_arcsec=shift, method=s.method)
+            alternative_lenses=alternatives, shift_arcsec=shift, method=s.method)
         info.update(hst_info)
     if continuum is not None:
         source["continuum"] = source["flux"].sel(line=_CONTINUUM_LINE, drop=True)
@@ -596,10 +596,10 @@ def _forward_gradient(maps: xr.Dataset, source: xr.Dataset, cfg: GalaxyConfig,
         operator = forward_gradient.affine_forward(
             identity, source_ys_kpc=grid[0], source_xs_kpc=grid[1], ifu_shape=ifu_shape,
             pixel_scale_arcsec=pix, psf_fwhm_arcsec=cfg.psf_fwhm_arcsec)
-    usable = [d for d in metal_info.get("diagnostics", []) if d in {"N2", "R3", "S2", "R2"}]
+    usable = [d for d in metal_info.get("diagnostics", []) if d in constants.FORWARD_DIAGNOSTICS]
     if not usable:
         return {"gradient_forward_message": "no diagnostic the forward model handles "
-                "(N2, R3, S2, R2) was chosen for this galaxy"}
+                f"({', '.join(constants.FORWARD_DIAGNOSTICS)}) was chosen for this galaxy"}
     try:
         # The image-plane fit sees any residual misregistration of the bands (the K20 §3.1
         # alignment on a faint continuum or an arc can be off by ~0.7 spaxel: the
@@ -635,7 +635,7 @@ def _two_d_statistics(metal: xr.Dataset, info: dict, psf: dict,
     out: dict[str, Any] = {}
     try:
         plane = gradients.planar_fit(metal, psf=psf, centre_kpc=centre)
-        asym = gradients.non_axisymmetry(metal, info, psf=psf, centre_kpc=centre)
+        asym = gradients.non_axisymmetry(metal, fit=info, psf=psf, centre_kpc=centre)
     except KleverError as err:
         return {"map_2d_message": str(err)}
     for key, value in plane.items():

@@ -183,7 +183,7 @@ def test_non_axisymmetry_p_values_are_uniform_for_axisymmetric_noise():
     for _ in range(60):
         err = rng.uniform(0.03, 0.08, oh0.shape)
         ds = _map(oh0 + rng.normal(0, 1, oh0.shape) * err, err, ys, xs)
-        pvals.append(g.non_axisymmetry(ds, fit, annulus_width_kpc=0.8)["p_value"])
+        pvals.append(g.non_axisymmetry(ds, fit=fit, annulus_width_kpc=0.8)["p_value"])
     assert stats.kstest(pvals, "uniform").pvalue > 0.01
     assert 0.35 < np.mean(pvals) < 0.65
 
@@ -195,7 +195,7 @@ def test_non_axisymmetry_detects_an_injected_asymmetry():
     err = np.full_like(oh, 0.05)
     ds = _map(oh + rng.normal(0, 0.05, oh.shape), err, ys, xs)
     _, summary = g.measure_gradient(ds, psf=PSF, fit_method="wls", systematics=False)
-    result = g.non_axisymmetry(ds, summary["fit"], annulus_width_kpc=0.8)
+    result = g.non_axisymmetry(ds, fit=summary["fit"], annulus_width_kpc=0.8)
     assert result["p_value"] < 1e-6 and result["significance_sigma"] > 5
     assert result["azimuthal_rms_dex"] > 2 * result["expected_rms_dex"]
 
@@ -321,6 +321,7 @@ def test_log_ratio_maps_follow_the_ratio_definitions():
         vn, vd = sum(e[n] ** 2 for n in num), sum(e[n] ** 2 for n in den)
         assert np.allclose(out[d][0], np.log10(fn / fd), rtol=0, atol=1e-12)
         assert np.allclose(out[d][1], np.sqrt(vn / fn**2 + vd / fd**2) / np.log(10), rtol=1e-12)
+    assert set(g.DIAGNOSTIC_LINES) == {"R2", "R3", "O3O2", "N2", "S2"}
     assert g.DIAGNOSTIC_LINES["S2"] == (("SII_6717", "SII_6731"), ("Halpha",))
     assert g.DIAGNOSTIC_LINES["O3O2"] == (("OIII_5007",), ("OII_3727", "OII_3729"))
 
@@ -349,8 +350,8 @@ def test_non_axisymmetry_accounts_for_correlated_noise():
         field = gaussian_filter(rng.normal(size=(141, 141)), sig)[30:111, 30:111] / norm
         oh = 8.5 - 0.03 * np.hypot(xx, yy) + 0.05 * field
         ds = _map(oh, np.full_like(oh, 0.05), ys, xs)
-        with_kernel.append(g.non_axisymmetry(ds, fit, noise_kernel=kernel)["p_value"])
-        without.append(g.non_axisymmetry(ds, fit)["p_value"])
+        with_kernel.append(g.non_axisymmetry(ds, fit=fit, noise_kernel=kernel)["p_value"])
+        without.append(g.non_axisymmetry(ds, fit=fit)["p_value"])
     assert stats.kstest(with_kernel, "uniform").pvalue > 0.01
     assert np.median(without) < 1e-6
 

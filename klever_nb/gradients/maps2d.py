@@ -140,7 +140,7 @@ def noise_correlation_kernel(metallicity: xr.Dataset,
     return np.exp(-0.5 * ((u / sa) ** 2 + (v / sb) ** 2))
 
 
-def non_axisymmetry(metallicity: xr.Dataset, fit: Mapping[str, Any] | None = None, *,
+def non_axisymmetry(metallicity: xr.Dataset, *, fit: Mapping[str, Any] | None = None,
                     psf: Mapping[str, float] | None = None,
                     noise_kernel: Mapping[str, float] | None = None, n_sectors: int = 6,
                     annulus_width_kpc: float | None = None, min_pixels: int = 3,

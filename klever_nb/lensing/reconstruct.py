@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from klever_nb.constants import MAGNIFICATION_SNR
 from klever_nb.cosmology import kpc_per_arcsec as _kpc_per_arcsec
 from klever_nb.errors import ConfigError, InputError
 from klever_nb.lensing.delensing import delens
@@ -75,10 +76,9 @@ def reconstruct_source_plane(line_maps: xr.Dataset, lens: xr.Dataset, *, redshif
                              cube_wcs: str, psf_fwhm_arcsec: float,
                              source_pixel_arcsec: float | None = None, halpha: str = "Halpha",
                              shift_arcsec: tuple[float, float] = (0.0, 0.0),
-                             subsample: int = 2, snr_min: float = 3.0,
+                             subsample: int = 2, snr_min: float = MAGNIFICATION_SNR,
                              z_lens: float | None = None,
                              alternative_lenses: tuple[xr.Dataset, ...] = (),
-                             alternatives: tuple[xr.Dataset, ...] | list = (),
                              forward_iterations: int = 30,
                              mc_realisations: int = 100, method: str = "default",
                              mu_bootstrap: int = 30) -> tuple[
@@ -105,8 +105,8 @@ def reconstruct_source_plane(line_maps: xr.Dataset, lens: xr.Dataset, *, redshif
         Registration shift (:func:`hst_registration_shift`).
     subsample : int
         Rays per lens pixel along each axis.
-    alternative_lenses, alternatives : tuple of Dataset
-        Other lens models (``[lens] models``) for the μ_maps spread (either name).
+    alternative_lenses : tuple of Dataset
+        Other lens models (``[lens] models``) for the μ_maps spread.
     forward_iterations : int
         Richardson–Lucy iterations of :func:`deconvolve_source` on the Hα map for
         ``mu_halpha_rl`` (beyond the paper; 0 skips it).
@@ -243,7 +243,7 @@ def reconstruct_source_plane(line_maps: xr.Dataset, lens: xr.Dataset, *, redshif
                    if weights is not None else "total magnification of the footprint",
                    near_critical=mm["near_critical"],
                    mu_maps_max_abs=mm["max_abs_mu"])
-    alternative_lenses = tuple(alternative_lenses) + tuple(alternatives)
+    alternative_lenses = tuple(alternative_lenses)
     if alternative_lenses:
         alts = [_at_source(m, redshift, z_lens) for m in alternative_lenses]
         spread = magnification_spread([lens_src, *alts], footprint=footprint, weights=weights)
