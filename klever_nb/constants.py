@@ -120,6 +120,15 @@ FIXED_RATIOS = (
     FixedRatio("SIII_9069", "SIII_9531", SIII_RATIO, "K20 §3.1; FACTS.md §7"),
 )
 
+#: [SII]6717/6731 and [OII]3729/3727 of the forward models (mock cubes,
+#: :func:`klever_nb.metallicity.predicted_line_fluxes`): pyneb 1.1.32 default atomic data
+#: (S II RGJ19+TZ10, O II Z82-WFD96+Kal09) at FACTS.md §7's reference conditions
+#: T = 1e4 K, n_e = 100 cm^-3 (computed here: 1.351 and 1.349; the same pyneb run gives the
+#: §7 density limits 1.454/1.499 at n_e = 1 and 0.447/0.353 at 1e5). Both doublets at one
+#: density, inside K20's fit bounds (:data:`BOUNDED_RATIOS`).
+SII_6717_6731 = 1.35
+OII_3729_3727 = 1.35
+
 BOUNDED_RATIOS = (
     BoundedRatio("SII_6717", "SII_6731", 0.4, 1.45, "K20 §3.1; FACTS.md §7"),
     BoundedRatio("OII_3729", "OII_3727", 0.35, 1.5,
@@ -225,10 +234,20 @@ DETECTION_SNR = 3.0
 #: Per-pixel SNR thresholds for metallicity (K20 §4.2).
 METALLICITY_SNR_STRONG = 5.0  # Halpha, [OIII]5007
 METALLICITY_SNR_WEAK = 2.5  # every other line
-#: SNR cut of the spaxels that enter mu(Halpha) (K20 §3.2.3).
+#: SNR cut of the spaxels that enter mu(Halpha) (K20 §3.2.3: "spaxels in the Halpha map
+#: with SNR > 3 before and after the reconstruction").
 MAGNIFICATION_SNR = 3.0
 #: SNR cut of the spaxels that enter the total Halpha flux for the SFR (K20 §3.3).
 SFR_SNR = 5.0
+#: SNR of Halpha and Hbeta for a per-pixel Balmer-decrement E(B-V) (package decision: the
+#: lines detected, :data:`DETECTION_SNR`; K20 §3.4 falls back to the global E(B-V) where
+#: Hbeta is too faint without giving a number).
+BALMER_SNR = DETECTION_SNR
+
+#: Diagnostics the image-plane forward gradient model handles: ratios of a line to a Balmer
+#: line (FACTS.md §1.2), so that every observable is one line map (the pipeline's
+#: ``gradient_forward`` stage and :mod:`klever_nb.forward_gradient` use this one tuple).
+FORWARD_DIAGNOSTICS = ("N2", "R3", "S2", "R2")
 
 
 def band_of(instrument: str, band: str) -> Band:

@@ -28,7 +28,7 @@ import astropy.units as u
 import numpy as np
 import xarray as xr
 
-from klever_nb.constants import BALMER_INTRINSIC, LINES, R_V
+from klever_nb.constants import BALMER_INTRINSIC, BALMER_SNR, LINES, R_V
 from klever_nb.errors import ConfigError
 
 LN10 = np.log(10.0)
@@ -118,7 +118,7 @@ def balmer_constant(*, law: str = "CCM89", r_v: float | None = None) -> float:
     return 2.5 / (k_hb - k_ha)
 
 
-def balmer_ebv(maps: xr.Dataset, *, min_snr_hbeta: float = 3.0, min_snr_halpha: float = 3.0,
+def balmer_ebv(maps: xr.Dataset, *, min_snr_hbeta: float = BALMER_SNR, min_snr_halpha: float = BALMER_SNR,
                intrinsic: float = BALMER_INTRINSIC, law: str = "CCM89",
                r_v: float | None = None) -> xr.Dataset:
     """E(B-V) from the Balmer decrement, per pixel (or for integrated fluxes).

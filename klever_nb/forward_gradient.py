@@ -66,14 +66,12 @@ from scipy.special import ndtr
 from threadpoolctl import threadpool_limits
 
 from klever_nb.calibrations import get_calibration
-from klever_nb.constants import FWHM_PER_SIGMA
+from klever_nb.constants import FORWARD_DIAGNOSTICS, FWHM_PER_SIGMA
 from klever_nb.errors import ConfigError, InputError
 from klever_nb.gradients import DIAGNOSTIC_LINES
 
 PARAMETERS = ("centre_x_kpc", "centre_y_kpc", "log10_scale_length_kpc", "axis_ratio", "theta_deg",
               "central_oh", "gradient_dex_per_kpc")
-#: Diagnostics the forward model can use: a ratio to a Balmer line (FACTS.md §1.2).
-FORWARD_DIAGNOSTICS = ("N2", "R3", "S2", "R2")
 
 
 # ---------------------------------------------------------------------------

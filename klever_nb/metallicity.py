@@ -54,7 +54,13 @@ import xarray as xr
 from scipy import stats
 
 from klever_nb.calibrations import Calibration, get_calibration
-from klever_nb.constants import METALLICITY_SNR_STRONG, METALLICITY_SNR_WEAK, R_V
+from klever_nb.constants import (
+    BALMER_SNR,
+    DETECTION_SNR,
+    METALLICITY_SNR_STRONG,
+    METALLICITY_SNR_WEAK,
+    R_V,
+)
 from klever_nb.errors import ConfigError
 from klever_nb.ratios import DIAGNOSTICS, get_diagnostic, observed_log_ratio
 
@@ -68,8 +74,8 @@ EDGE_RATIO = 0.1
 POOR_FIT_PVALUE = 1e-3
 #: Default redshift above which O3O2 is used when [OII] is detected (K20 §4.2).
 O3O2_MIN_REDSHIFT = 2.0
-#: Detection threshold used to choose the diagnostics of a galaxy (K20 §3.4: >= 3 sigma).
-CHOICE_SNR = 3.0
+#: Detection threshold used to choose the diagnostics of a galaxy (K20 §3.1, §3.4: >= 3 sigma).
+CHOICE_SNR = DETECTION_SNR
 
 
 # ---------------------------------------------------------------------------
@@ -600,7 +606,7 @@ def _spatial_dims(maps: xr.Dataset) -> list[str]:
 
 
 def dust_inputs(maps: xr.Dataset, *, ebv: float | xr.DataArray | None = None,
-                ebv_err: float | xr.DataArray | None = None, min_snr_hbeta: float = 3.0,
+                ebv_err: float | xr.DataArray | None = None, min_snr_hbeta: float = BALMER_SNR,
                 law: str = "CCM89", r_v: float = R_V) -> xr.Dataset:
     """Per-pixel E(B-V) for the metallicity: Balmer decrement where Hbeta is good, else global.
 
@@ -664,7 +670,7 @@ def metallicity_map(
     snr_min_weak: float = METALLICITY_SNR_WEAK,
     exclude_agn: bool = False,
     dust_correction: bool | None = None,
-    min_snr_hbeta: float = 3.0,
+    min_snr_hbeta: float = BALMER_SNR,
     emcee_kwargs: dict | None = None,
     chunk_size: int = 2048,
     n_threads: int = 2,
@@ -857,9 +863,6 @@ def metallicity_map(
 # ---------------------------------------------------------------------------
 # Forward model (tests, notebooks, injection-recovery)
 # ---------------------------------------------------------------------------
-#: Line ratios used to split doublets in :func:`predicted_line_fluxes` (low-density limit-ish).
-SII_6717_6731 = 1.3
-OII_3729_3727 = 1.4
 
 
 def predicted_line_fluxes(oh: np.ndarray | float, *, calibration_set: str = "C20",
@@ -870,7 +873,8 @@ def predicted_line_fluxes(oh: np.ndarray | float, *, calibration_set: str = "C20
 
     Hbeta = ``hbeta``, Halpha = 2.87 Hbeta, [OIII]5007 from R3, [OIII]4959 =
     5007/OIII_RATIO, [NII]6584 from N2 (6548 = 6584/NII_RATIO), [SII] from S2
-    (6717/6731 = 1.3), [OII] from ``oii_from`` ("O3O2" or "R2"; 3729/3727 = 1.4),
+    (6717/6731 = :data:`~klever_nb.constants.SII_6717_6731`), [OII] from ``oii_from``
+    ("O3O2" or "R2"; 3729/3727 = :data:`~klever_nb.constants.OII_3729_3727`),
     then reddened by ``ebv`` (CCM89). The calibrations are not mutually exact
     (O3O2 != R3 - R2), hence the choice.
 
@@ -883,7 +887,14 @@ def predicted_line_fluxes(oh: np.ndarray | float, *, calibration_set: str = "C20
     ----------
     FACTS.md §1.3, §5, §7; K20 §3.3.
     """
-    from klever_nb.constants import BALMER_INTRINSIC, LINES, NII_RATIO, OIII_RATIO
+    from klever_nb.constants import (
+        BALMER_INTRINSIC,
+        LINES,
+        NII_RATIO,
+        OII_3729_3727,
+        OIII_RATIO,
+        SII_6717_6731,
+    )
     from klever_nb.dust import k_lambda
 
     if oii_from not in ("O3O2", "R2"):

@@ -51,10 +51,10 @@ from klever_nb.lensmodels import ParametricLens
 #: Cube flux unit (KMOS pipeline-like, astropy-parsable); numbers in cubes are in this unit.
 FLUX_UNITS = "1e-20 erg / (s cm2 Angstrom)"
 FLUX_UNIT_CGS = 1e-20
-#: Fixed [SII]6717/6731 of the mocks (low density; inside K20's [0.4, 1.45], FACTS.md §7).
-SII_6717_TO_6731 = 1.2
-#: Fixed [OII]3729/3727 of the mocks (low density; inside [0.35, 1.5], FACTS.md §7).
-OII_3729_TO_3727 = 1.3
+#: Fixed [SII]6717/6731 of the mocks (n_e = 100 cm^-3, see the constant; FACTS.md §7).
+SII_6717_TO_6731 = constants.SII_6717_6731
+#: Fixed [OII]3729/3727 of the mocks (n_e = 100 cm^-3, see the constant; FACTS.md §7).
+OII_3729_TO_3727 = constants.OII_3729_3727
 #: Fixed [SIII]9531/Halpha of the mocks: a typical star-forming value (mock choice, not a
 #: calibration; [SIII]9069/Halpha = 0.15/2.47 ~ 0.06 as in local HII regions).
 SIII_9531_TO_HALPHA = 0.15
@@ -71,7 +71,7 @@ LOG_MSTAR_ERR = 0.1
 CALIBRATION_SET = "C20"
 #: Lines every mock carries (K20 §3.1).
 MOCK_LINES = constants.PAPER_LINES
-_FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
+_FWHM_PER_SIGMA = constants.FWHM_PER_SIGMA
 
 
 # ---------------------------------------------------------------------------
@@ -230,8 +230,8 @@ def line_ratios_to_halpha(oh: np.ndarray | float, *, calibration_set: str = CALI
                           ) -> dict[str, np.ndarray]:
     """Intrinsic (dust-free) flux ratio of every mock line to Halpha at 12+log(O/H) = ``oh``.
 
-    N2 -> [NII]6584/Ha, R3 -> [OIII]5007/Hb, S2 -> [SII]6717+6731/Ha (split 1.2:1),
-    O3O2 -> [OIII]5007/[OII]3727+3729 (split 1:1.3), Hb = Ha/2.87, [OIII]4959, [NII]6548 and
+    N2 -> [NII]6584/Ha, R3 -> [OIII]5007/Hb, S2 -> [SII]6717+6731/Ha (split 1.35:1),
+    O3O2 -> [OIII]5007/[OII]3727+3729 (split 1:1.35), Hb = Ha/2.87, [OIII]4959, [NII]6548 and
     [SIII]9069 from the fixed ratios, [SIII]9531/Ha = :data:`SIII_9531_TO_HALPHA`.
 
     Examples

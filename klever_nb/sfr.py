@@ -12,7 +12,13 @@ import math
 import numpy as np
 import xarray as xr
 
-from klever_nb.constants import KE12_LOG_C_HALPHA, KROUPA_TO_CHABRIER, LINES, SFR_SNR
+from klever_nb.constants import (
+    FWHM_PER_SIGMA,
+    KE12_LOG_C_HALPHA,
+    KROUPA_TO_CHABRIER,
+    LINES,
+    SFR_SNR,
+)
 from klever_nb.cosmology import luminosity_distance_cm
 from klever_nb.dust import k_lambda
 from klever_nb.errors import ConfigError
@@ -131,7 +137,7 @@ def smooth_sigma_pix(maps: xr.Dataset) -> float:
     pix = float(maps.attrs.get("pixel_scale_arcsec", np.nan))
     if fwhm <= 0 or not np.isfinite(pix) or pix <= 0:
         return 0.0
-    return fwhm / (2.0 * math.sqrt(2.0 * math.log(2.0))) / pix
+    return fwhm / FWHM_PER_SIGMA / pix
 
 
 def correlated_sum_error(err: np.ndarray, mask: np.ndarray, *,

@@ -28,18 +28,27 @@ from klever_nb.metallicity import grid_summary, make_grid
 from klever_nb.ratios import DIAGNOSTICS, log_ratio_from_fluxes
 
 
-def _ratio_of_sums(name: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(numerator lines, denominator lines) of a one-term ratio of :data:`klever_nb.ratios.DIAGNOSTICS`."""
-    (term,) = DIAGNOSTICS[name].terms
-    num = tuple(line for combo, e in term if e > 0 for line, _ in combo)
-    den = tuple(line for combo, e in term if e < 0 for line, _ in combo)
+def _ratio_of_sums(name: str) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
+    """(numerator lines, denominator lines) of a diagnostic that is one sum over another.
+
+    None for the others (O3N2, O3S2: ratios of ratios; RS32: a sum of ratios; R23: holds a
+    possibly tied [OIII]4959).
+    """
+    definition = DIAGNOSTICS[name]
+    if len(definition.terms) != 1 or "OIII_4959" in definition.lines:
+        return None
+    (term,) = definition.terms
+    if sorted(e for _, e in term) != [-1, 1]:
+        return None
+    num = next(tuple(line for line, _ in combo) for combo, e in term if e > 0)
+    den = next(tuple(line for line, _ in combo) for combo, e in term if e < 0)
     return num, den
 
 
 #: Diagnostics that are a ratio of sums of lines (numerator, denominator): the lines of their
-#: one definition in :data:`klever_nb.ratios.DIAGNOSTICS` (FACTS.md §1.2).
+#: one definition in :data:`klever_nb.ratios.DIAGNOSTICS` (FACTS.md §1.2): R2, R3, O3O2, N2, S2.
 DIAGNOSTIC_LINES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    name: _ratio_of_sums(name) for name in ("N2", "R3", "S2", "R2", "O3O2")
+    name: lines for name in DIAGNOSTICS if (lines := _ratio_of_sums(name)) is not None
 }
 
 

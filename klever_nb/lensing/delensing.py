@@ -14,6 +14,7 @@ import numpy as np
 import xarray as xr
 from scipy import ndimage
 
+from klever_nb.constants import DETECTION_SNR
 from klever_nb.cosmology import kpc_per_arcsec as _kpc_per_arcsec
 from klever_nb.errors import ConfigError, InputError
 from klever_nb.lensing.maps import as_lens_grid
@@ -186,7 +187,7 @@ def delens(maps_sb: xr.Dataset, lens: xr.Dataset, *, source_pixel_arcsec: float 
            subsample: int = 1, source_extent: float | tuple[float, float] | None = None,
            kpc_per_arcsec: float | None = None, centre: tuple[float, float] | None = None,
            centre_line: str = "Halpha", errors: str = "spaxel",
-           footprint: xr.DataArray | None = None, footprint_snr: float = 3.0,
+           footprint: xr.DataArray | None = None, footprint_snr: float = DETECTION_SNR,
            min_image_pixels: int = 4) -> xr.Dataset:
     """Source-plane maps: each source pixel is the mean of the image rays landing in it.
 

@@ -12,6 +12,7 @@ import warnings
 import numpy as np
 import xarray as xr
 
+from klever_nb.constants import MAGNIFICATION_SNR
 from klever_nb.errors import ConfigError, InputError
 from klever_nb.lensing.delensing import SourceGrid, _label_images, _trace_rays
 from klever_nb.lensing.maps import as_lens_grid, convergence_shear
@@ -29,7 +30,7 @@ class NearCriticalWarning(UserWarning):
 # ---------------------------------------------------------------------------------------------
 
 def magnification_halpha(image_maps: xr.Dataset, source_maps: xr.Dataset, *,
-                         snr_min: float = 3.0, line: str = "Halpha",
+                         snr_min: float = MAGNIFICATION_SNR, line: str = "Halpha",
                          smooth_sigma_pix: float = 0.0) -> tuple[float, float]:
     """μ(Hα): total image-plane over total source-plane Hα flux, over SNR > ``snr_min`` pixels.
 
