@@ -368,6 +368,25 @@ def test_the_eq1_routes_agree_with_the_closed_form():
         assert np.allclose(a, ref[key], rtol=0, atol=1e-10)
 
 
+def test_fast_grid_chi2_min_is_chi2_eq1_on_many_pixels():
+    """grid_summary's expanded matrix product = chi2_eq1 on the grid, NaN ratios included."""
+    from klever_nb.metallicity import _weights, calibrated_log_ratios, chi2_eq1
+
+    rng = np.random.default_rng(11)
+    obs = np.stack([get_calibration(d).log_ratio(rng.uniform(7.7, 8.8, 400)) for d in DIAGS], -1)
+    obs += rng.normal(0, 0.1, obs.shape)
+    err = rng.uniform(0.01, 0.3, obs.shape)
+    obs[rng.random(obs.shape) < 0.2] = np.nan
+    grid = make_grid(DIAGS)
+    cals = [get_calibration(d) for d in DIAGS]
+    o, w = _weights(obs, err, np.array([c.sigma for c in cals]))
+    chi2 = chi2_eq1(o, w, calibrated_log_ratios(cals, grid))
+    fast = grid_summary(obs, err, DIAGS, grid=grid, chunk_size=64)
+    used = (w > 0).any(axis=1)
+    assert np.allclose(fast["chi2_min"][used], chi2[used].min(axis=1), rtol=0, atol=1e-10)
+    assert np.array_equal(fast["mode"][used], grid[np.argmin(chi2[used], axis=1)])
+
+
 def test_exact_ratios_give_chi2_zero_at_the_truth_on_every_route():
     from klever_nb.metallicity import _log_prob_factory, _weights
 
