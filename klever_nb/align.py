@@ -217,17 +217,14 @@ def band_offsets(maps_by_band: dict[str, xr.Dataset], *, reference_band: str | N
 
 def _celestial_wcs(header: str | None, band: str):
     """astropy celestial WCS of ``attrs["wcs"]``, or None (with a warning naming the band)."""
-    from astropy.io import fits
-    from astropy.wcs import WCS, FITSFixedWarning
+    from klever_nb.celestial import wcs_from_string
 
     if not header:
         warnings.warn(f"band {band!r}: no attrs['wcs']; placed by pixel index only",
                       RuntimeWarning, stacklevel=3)
         return None
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FITSFixedWarning)
-            wcs = WCS(fits.Header.fromstring(header)).celestial
+        wcs = wcs_from_string(header)
     except (ValueError, KeyError, TypeError) as err:
         warnings.warn(f"band {band!r}: attrs['wcs'] is not a readable celestial WCS ({err}); "
                       "placed by pixel index only", RuntimeWarning, stacklevel=3)

@@ -549,7 +549,7 @@ def _user_centre_kpc(cfg: GalaxyConfig, source: xr.Dataset,
     ``centre_beta_arcsec``, times kpc/arcsec.
     """
     from klever_nb import lensing
-    from klever_nb.io.images import wcs_from_string
+    from klever_nb.celestial import wcs_from_string
 
     if isinstance(cfg.analysis.centre, str):
         return None

@@ -32,7 +32,7 @@ def test_fit_command_and_run_give_identical_maps_for_the_same_cube(tmp_path):
     spec = mock.demo_specs()[1]  # z = 2.2, YJ/H/K
     toml = mock.write_mock(mock.make_mock(spec), tmp_path / "in")
     cfg = load_galaxy(toml)
-    run_maps = pipeline._fit_stage(pipeline.read_galaxy_cubes(cfg), cfg)  # run's line_maps.nc
+    run_maps = pipeline._fit_stage(pipeline.read_galaxy_cubes(cfg), cfg).data  # line_maps.nc
     z_run = run_maps.attrs["redshift"]
     lines = [str(n) for n in run_maps["line"].values
              if run_maps["band"].sel(line=n).item() == "H"]

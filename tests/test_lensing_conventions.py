@@ -8,8 +8,8 @@ import xarray as xr
 from astropy.wcs import WCS
 
 from klever_nb import gradients, lensing, mock
+from klever_nb.celestial import wcs_from_string
 from klever_nb.errors import InputError
-from klever_nb.io.images import wcs_from_string
 from klever_nb.lensmodels import ParametricLens
 
 

@@ -17,30 +17,15 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-import astropy.units as u
 import numpy as np
 import xarray as xr
 from astropy.io import fits
 from astropy.wcs import WCS, FITSFixedWarning
 
+from klever_nb.celestial import pixel_scale_from_wcs, wcs_from_string
 from klever_nb.errors import InputError
 
 __all__ = ["open_image", "open_lens_maps", "wcs_from_string", "pixel_scale_from_wcs"]
-
-
-def wcs_from_string(header: str) -> WCS:
-    """Celestial :class:`~astropy.wcs.WCS` from the header string kept in ``attrs["wcs"]``."""
-    sep = "\n" if "\n" in header else ""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FITSFixedWarning)
-        return WCS(fits.Header.fromstring(header, sep=sep)).celestial
-
-
-def pixel_scale_from_wcs(wcs: WCS) -> float:
-    """Mean pixel side in arcsec from the full CD/PC matrix (square pixels assumed)."""
-    scales = wcs.proj_plane_pixel_scales()
-    values = [s.to_value(u.arcsec) for s in scales]
-    return float(np.sqrt(values[0] * values[1]))
 
 
 def _read_2d(path: Path, hdu: int | str | None) -> tuple[np.ndarray, fits.Header]:

@@ -12,10 +12,10 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from klever_nb.celestial import wcs_from_string
 from klever_nb.constants import FWHM_PER_SIGMA  # noqa: F401  (the lensing modules take it from here)
 from klever_nb.cosmology import dls_over_ds
 from klever_nb.errors import ConfigError, InputError
-from klever_nb.io.images import wcs_from_string
 
 # ---------------------------------------------------------------------------------------------
 # Lens maps: redshift rescaling, parametric models, κ and γ

@@ -11,8 +11,8 @@ import numpy as np
 import xarray as xr
 from scipy import ndimage, optimize
 
+from klever_nb.celestial import wcs_from_string
 from klever_nb.errors import InputError
-from klever_nb.io.images import wcs_from_string
 from klever_nb.lensing.delensing import delens
 from klever_nb.lensing.maps import FWHM_PER_SIGMA, as_lens_grid, convergence_shear
 

@@ -13,8 +13,8 @@ import numpy as np
 import xarray as xr
 from scipy import ndimage
 
+from klever_nb.celestial import pixel_scale_from_wcs
 from klever_nb.errors import InputError
-from klever_nb.io.images import pixel_scale_from_wcs
 from klever_nb.lensing.maps import FWHM_PER_SIGMA, _celestial, as_lens_grid
 
 # ---------------------------------------------------------------------------------------------
