@@ -76,6 +76,30 @@ def test_sky_band_marks_the_channels_the_fitter_masks(explorer, h_fit):
     assert 0 < n_window <= h_fit.attrs["sky_channels_masked"]
 
 
+def test_sky_mask_shown_is_the_mask_the_fit_used(explorer, galaxy):
+    """The shaded channels are exactly :func:`klever_nb.fitting.fit_sky_mask` of the fitted cube."""
+    explorer.select(12, 12)
+    cube = galaxy.cubes["H"].to_dataset()
+    mask = fitting.fit_sky_mask(cube, fitting.FitSettings())
+    wave = explorer.spectrum["wave"].values
+    sel = np.isin(cube["wave"].values, wave)
+    assert mask[sel].any()  # the Halpha window holds OH lines
+    np.testing.assert_array_equal(explorer.spectrum["sky_mask"].values, mask[sel])
+    sky_y = np.asarray(explorer.marks["sky"].y)
+    np.testing.assert_array_equal(sky_y == sky_y.max(), mask[sel])
+
+
+def test_line_fit_explorer_fits_only_when_shown_or_asked(galaxy):
+    ex = LineFitExplorer(galaxy.cubes, smooth_fwhm=0.0, line="Halpha")
+    ex.snr_threshold = 4.0
+    ex.line = "NII_6584"
+    assert not ex._cache  # nothing fitted yet
+    y, x = ex.selected_spaxel  # the default spaxel needs the fit: the first access runs it
+    assert list(ex._cache) == [("H", 0.0)]
+    snr = ex.maps["snr"].sel(line="NII_6584").values
+    assert snr[y, x] == np.nanmax(snr)
+
+
 def test_click_on_the_map_selects_that_spaxel(explorer, galaxy):
     # the message bqplot's Image mark sends for a click at data coordinates (x=16.8, y=4.2)
     explorer.marks["image"]._handle_custom_msgs(
@@ -216,22 +240,45 @@ def lens_explorer(lens_setup):
     return ex
 
 
-def test_image_click_lands_in_the_package_source_pixel_and_back(lens_explorer):
+def test_image_click_lands_in_the_package_source_pixel_and_back(lens_explorer, lens_setup):
+    from klever_nb import lensing
+
     ex = lens_explorer
     row, col = ex.selected_image_pixel  # starts on the brightest image pixel
     srow, scol = ex.selected_source_pixel
     assert srow >= 0
     src = ex.source
-    pixel = float(src.attrs["source_pixel_arcsec"])
-    entry = ex._entry()
-    # the ray of the clicked pixel falls inside the selected source pixel of the package's grid
-    assert abs(entry["beta_x"][row, col] - src["beta_x"].values[scol]) <= pixel / 2 + 1e-9
-    assert abs(entry["beta_y"][row, col] - src["beta_y"].values[srow]) <= pixel / 2 + 1e-9
+    # the lookup is the package's, on the reconstruction's own rays (subsample^2 per pixel)
+    maps, lenses, kwargs = lens_setup
+    lens = lensing.lens_at_source(lenses["true"], redshift=kwargs["redshift"])
+    rays = lensing.ray_lookup(src, lens, ly=ex._entry()["sb"]["ly"].values,
+                              lx=ex._entry()["sb"]["lx"].values)
+    assert rays.sizes["ray"] == src.attrs["subsample"] ** 2 == 4
+    np.testing.assert_array_equal(ex.rays["source_index"].values, rays["source_index"].values)
+    assert (srow, scol) == lensing.landing_pixel(rays, row, col)
+    # the drawn rays of the clicked pixel are its package rays, in the source panel's kpc
+    kx, ky = lensing.source_plane_kpc(src, rays["beta_x"].values[row, col],
+                                      rays["beta_y"].values[row, col])
+    np.testing.assert_allclose(np.asarray(ex.marks["landing"].x), kx)
+    np.testing.assert_allclose(np.asarray(ex.marks["landing"].y), ky)
     # vice versa: the image pixels feeding that source pixel include the clicked one
     feeding = ex.source_to_image(srow, scol)
+    np.testing.assert_array_equal(feeding, lensing.feeding_pixels(rays, srow, scol))
     assert any((feeding == [row, col]).all(axis=1))
     np.testing.assert_allclose(np.asarray(ex.marks["feeding"].x),
-                               entry["theta_x"][feeding[:, 1]])
+                               ex._entry()["theta_x"][feeding[:, 1]])
+
+
+def test_lens_explorer_reconstructs_only_when_shown_or_asked(lens_setup):
+    from klever_nb.widgets import LensExplorer
+
+    maps, lenses, kwargs = lens_setup
+    ex = LensExplorer(maps, lenses, **kwargs)
+    ex.source_pixel_arcsec = 0.1
+    ex.lens_model = "theta_e+5%"
+    assert not ex._cache  # nothing reconstructed yet
+    assert ex.selected_source_pixel == ex.image_to_source(*ex.selected_image_pixel)
+    assert list(ex._cache) == [("theta_e+5%", 0.1)]
 
 
 def test_a_click_on_the_image_panel_selects_that_pixel(lens_explorer):
@@ -265,14 +312,34 @@ def test_source_pixel_slider_and_model_dropdown_give_the_package_reconstruction(
     assert "±" in ex._ui["info"].value
 
 
-def test_psf_ellipse_and_caustics_are_drawn_from_the_package(lens_explorer):
+def test_psf_ellipse_and_caustics_are_drawn_from_the_package(lens_explorer, lens_setup):
+    from klever_nb import lensing
+
     ex = lens_explorer
     psf = ex.source_psf
+    # the ellipse is the reconstruction's source PSF (its summary, as the annuli take it)
+    assert psf == {**lensing.annulus_psf(ex.summary),
+                   "pa_deg_east_of_north": ex.summary["source_psf_pa_deg_east_of_north"]}
     x, y = np.asarray(ex.marks["psf"].x), np.asarray(ex.marks["psf"].y)
     assert np.hypot(x, y).max() == pytest.approx(psf["fwhm_major_kpc"] / 2, rel=1e-3)
     assert np.hypot(x, y).min() == pytest.approx(psf["fwhm_minor_kpc"] / 2, rel=1e-2)
-    assert np.isfinite(np.asarray(ex.marks["critical"].x)).sum() > 20
-    assert np.isfinite(np.asarray(ex.marks["caustic"].x)).sum() > 20
+    # critical curves and caustics are the package's, NaN-separated on one mark each
+    _, lenses, kwargs = lens_setup
+    lens = lensing.lens_at_source(lenses["true"], redshift=kwargs["redshift"])
+    critical = lensing.critical_curves(lens)
+    assert critical
+    cx = np.asarray(ex.marks["critical"].x, dtype=float)
+    cy = np.asarray(ex.marks["critical"].y, dtype=float)
+    np.testing.assert_array_equal(cx[np.isfinite(cx)], np.concatenate([c[:, 0] for c in critical]))
+    np.testing.assert_array_equal(cy[np.isfinite(cy)], np.concatenate([c[:, 1] for c in critical]))
+    assert np.isnan(cx).sum() == len(critical)
+    caustic = np.concatenate(lensing.caustics(lens, critical))
+    kx, ky = lensing.source_plane_kpc(ex.source, caustic[:, 0], caustic[:, 1])
+    mx = np.asarray(ex.marks["caustic"].x, dtype=float)
+    my = np.asarray(ex.marks["caustic"].y, dtype=float)
+    np.testing.assert_allclose(mx[np.isfinite(mx)], kx[np.isfinite(kx)])
+    np.testing.assert_allclose(my[np.isfinite(my)], ky[np.isfinite(ky)])
+    assert np.isfinite(mx).sum() > 20
     fig = ex.static_figure()
     assert len(fig.axes) == 2
     import matplotlib.pyplot as plt
@@ -334,6 +401,23 @@ def test_pixel_posterior_is_the_package_posterior_and_emcee_agrees(metal_explore
     obs = np.asarray(ex.marks["observed"].y)[:, 0]
     expected = [ex.pixel_ratios()[d][0] for d in ex.diagnostics]
     np.testing.assert_allclose(obs, expected)
+
+
+def test_metallicity_explorer_is_lazy_and_its_posterior_uses_the_maps_grid(metal_maps):
+    from klever_nb import metallicity
+    from klever_nb.widgets import MetallicityExplorer
+
+    maps, z = metal_maps
+    ex = MetallicityExplorer(maps, redshift=z, show_emcee=False,
+                             metallicity_kwargs={"grid_step": 0.005})
+    ex.dust_correction = False
+    assert not ex._maps_cache and ex._bpt is None  # nothing computed before it is asked
+    y, x = ex.selected_pixel
+    post = ex.pixel_posterior()
+    assert np.allclose(np.diff(post["grid"]), 0.005)
+    summary = metallicity.summarize_posterior(post["density"][None], post["grid"])
+    assert float(np.ravel(summary["q50"])[0]) == pytest.approx(
+        float(ex.metallicity["oh"].values[y, x]), abs=1e-6)
 
 
 def test_click_moves_the_pixel_on_map_and_bpt(metal_explorer):
@@ -427,6 +511,22 @@ def test_step_and_shape_controls_give_the_package_profile(gradient_explorer, sou
     outer = [np.hypot(x - ex.centre_kpc[0], y - ex.centre_kpc[1]).max() for x, y in outlines]
     np.testing.assert_allclose(outer[:info["n_annuli"]],
                                profile["r_out_kpc"].values[:info["n_annuli"]], rtol=1e-9)
+
+
+def test_annuli_drawn_are_the_apertures_the_profile_used(source_metallicity):
+    from klever_nb import gradients
+    from klever_nb.widgets import GradientExplorer
+
+    oh, psf, _ = source_metallicity
+    ex = GradientExplorer(oh, psf=psf, gradient_kwargs={"size": "semi_major"})
+    profile, info = gradients.measure_gradient(oh, psf=psf, fit_method="wls", systematics=False,
+                                               size="semi_major")
+    outlines = ex.annuli()
+    n = info["n_annuli"]
+    assert n >= 2
+    # semi-major axis of each outline = the annulus's outer edge (size="semi_major")
+    semi_major = [np.hypot(x - ex.centre_kpc[0], y - ex.centre_kpc[1]).max() for x, y in outlines]
+    np.testing.assert_allclose(semi_major[:n], profile["r_out_kpc"].values[:n], rtol=1e-3)
 
 
 def test_dragging_the_centre_moves_the_annuli_and_refits(gradient_explorer):

@@ -5,7 +5,7 @@ A thin :class:`traitlets.HasTraits` over :mod:`klever_nb.gradients`: the annuli 
 :func:`~klever_nb.gradients.measure_gradient`, the residual map
 :func:`~klever_nb.gradients.residual_map` and the arrow :func:`~klever_nb.gradients.planar_fit`.
 The forward-modelled gradient (beyond K20) is whatever
-:mod:`klever_nb.forward_gradient` returned; pass it in (or a function computing it), the
+:mod:`klever_nb.gradients.forward` returned; pass it in (or a function computing it), the
 explorer only draws it. Code twins::
 
     ex = GradientExplorer(metallicity_map, psf=psf)
@@ -54,7 +54,7 @@ class GradientExplorer(ExplorerBase):
     centre_kpc : (x, y)
         Initial centre (default the origin, the galaxy centre of the lensing stage).
     forward : dict or callable, optional
-        Result of :func:`klever_nb.forward_gradient.fit_forward_gradient` (or a function
+        Result of :func:`klever_nb.gradients.forward.fit_forward_gradient` (or a function
         returning it, called once when the forward model is first shown).
     global_oh : float, optional
         The galaxy's integrated metallicity, drawn as a band on the profile.
@@ -138,14 +138,21 @@ class GradientExplorer(ExplorerBase):
         return self._forward
 
     def annuli(self) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Outlines (x, y in kpc) of the ellipses bounding the annuli of the profile."""
+        """Outlines (x, y in kpc) of the ellipses bounding the annuli of the profile.
+
+        The apertures are :func:`klever_nb.gradients.elliptical_annuli` with the settings the
+        profile records (centre, step, shape, ``size``), out to its last annulus.
+        """
         from klever_nb import gradients
 
-        r_max = float(self.profile["r_out_kpc"].values.max()) if self.profile.sizes.get(
+        profile = self.profile
+        a = profile.attrs
+        r_max = float(profile["r_out_kpc"].values.max()) if profile.sizes.get(
             "annulus", 0) else None
         apertures, _, _ = gradients.elliptical_annuli(
-            self.metallicity, centre_kpc=self.centre_kpc, psf=self.psf,
-            step_fraction=self.step_fraction, shape=self.shape, r_max=r_max)
+            self.metallicity, centre_kpc=(a["centre_x_kpc"], a["centre_y_kpc"]), psf=self.psf,
+            step_fraction=a["step_fraction"], shape=a["shape"], r_max=r_max,
+            size=a.get("size", "geometric"))
         xs, ys = self.metallicity["xs"].values, self.metallicity["ys"].values
         dx, dy = xs[1] - xs[0], ys[1] - ys[0]
         out = []

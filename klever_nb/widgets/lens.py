@@ -1,11 +1,14 @@
 """Image plane and source plane side by side: where each pixel lands, caustics, μ, source PSF.
 
-A thin :class:`traitlets.HasTraits` over :mod:`klever_nb.lensing`: the source plane
-comes from :func:`~klever_nb.lensing.reconstruct_source_plane`, the image-plane surface
-brightness from :func:`~klever_nb.lensing.rebin_to_lens_grid`, the source grid from
-:func:`~klever_nb.lensing.source_grid_of`, κ/γ from
-:func:`~klever_nb.lensing.convergence_shear` and the source-plane PSF ellipse from
-:func:`~klever_nb.lensing.source_plane_psf`. Code twins of the controls::
+A thin :class:`traitlets.HasTraits` over :mod:`klever_nb.lensing`: the source plane,
+magnifications and source-plane PSF come from
+:func:`~klever_nb.lensing.reconstruct_source_plane`, the image-plane surface brightness from
+:func:`~klever_nb.lensing.rebin_to_lens_grid`, critical curves and caustics from
+:func:`~klever_nb.lensing.critical_curves` / :func:`~klever_nb.lensing.caustics`, and the
+image ↔ source lookup from :func:`~klever_nb.lensing.ray_lookup` (the reconstruction's own
+rays, ``subsample``² per pixel) with :func:`~klever_nb.lensing.landing_pixel` and
+:func:`~klever_nb.lensing.feeding_pixels`. Nothing is reconstructed before the explorer is
+displayed or asked for a result. Code twins of the controls::
 
     ex = LensExplorer(line_maps, {"SIE": lens, "SIE, θE + 5%": alt}, redshift=1.4, ...)
     ex.select_image(40, 52)          # a click on the image plane: where does it land?
@@ -13,7 +16,8 @@ brightness from :func:`~klever_nb.lensing.rebin_to_lens_grid`, the source grid f
     ex.source_pixel_arcsec = 0.1     # the source-pixel slider (reconstructs)
     ex.lens_model = "SIE, θE + 5%"   # the lens-model dropdown (reconstructs)
 
-Rays follow the package's convention β = θ − α (DESIGN.md "Input files").
+Rays follow the package's convention β = θ − α (DESIGN.md "Input files"); the selected
+image pixel's rays are all drawn, and it selects the source pixel most of them land in.
 
 References
 ----------
@@ -45,29 +49,6 @@ from klever_nb.widgets._common import (
 )
 
 CACHE_SIZE = 4
-
-
-def _lens_at_source(lens: xr.Dataset, *, redshift: float, z_lens: float | None) -> xr.Dataset:
-    from klever_nb import lensing
-
-    grid = lensing.as_lens_grid(lens)
-    normalisation = grid.attrs.get("normalisation", "dls_ds")
-    if normalisation == "source":
-        return grid
-    z_l = z_lens if z_lens is not None else grid.attrs.get("z_lens")
-    if z_l is None:
-        raise ConfigError("LensExplorer: give z_lens= (the lens maps carry no attrs['z_lens'])")
-    return lensing.rescale_lens(grid, z_lens=float(z_l), z_source=redshift,
-                                normalisation=normalisation)
-
-
-def _contour_paths(x: np.ndarray, y: np.ndarray, z: np.ndarray, level: float = 0.0
-                   ) -> list[np.ndarray]:
-    """Contour lines of z(y, x) at ``level`` as a list of (n, 2) arrays of (x, y)."""
-    import contourpy
-
-    gen = contourpy.contour_generator(x, y, np.ma.masked_invalid(z))
-    return [np.asarray(p) for p in gen.lines(level) if len(p) > 1]
 
 
 def _join_paths(paths: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -144,7 +125,9 @@ class LensExplorer(ExplorerBase):
         self.cube_wcs = cube_wcs
         self.psf_fwhm_arcsec = float(psf_fwhm_arcsec)
         self.line_maps = line_maps
-        self._lenses = {str(k): _lens_at_source(v, redshift=self.redshift, z_lens=z_lens)
+        from klever_nb import lensing
+
+        self._lenses = {str(k): lensing.lens_at_source(v, redshift=self.redshift, z_lens=z_lens)
                         for k, v in lenses.items()}
         self._kwargs = {"forward_iterations": 0, **(reconstruct_kwargs or {})}
         lines = [str(v) for v in line_maps["line"].values]
@@ -159,10 +142,16 @@ class LensExplorer(ExplorerBase):
             self.line = line
             self.lens_model = first
             self.source_pixel_arcsec = float(pixel)
-        entry = self._entry()
-        sb = entry["image_sb"]
+
+    @traitlets.default("selected_image_pixel")
+    def _brightest_image_pixel(self) -> tuple[int, int]:
+        sb = self._entry()["image_sb"]
         peak = np.nanargmax(np.where(np.isfinite(sb), sb, -np.inf))
-        self.select_image(*np.unravel_index(peak, sb.shape))
+        return tuple(int(v) for v in np.unravel_index(peak, sb.shape))
+
+    @traitlets.default("selected_source_pixel")
+    def _landing_of_selected(self) -> tuple[int, int]:
+        return self.image_to_source(*self.selected_image_pixel)
 
     # ------------------------------------------------------------------ reconstruction
     @property
@@ -188,52 +177,22 @@ class LensExplorer(ExplorerBase):
                 alternative_lenses=alternatives, **self._kwargs)
         sb = lensing.rebin_to_lens_grid(self.line_maps, lens, cube_wcs=self.cube_wcs,
                                         shift_arcsec=tuple(summary.get("shift_arcsec", (0, 0))))
-        ly, lx = sb["ly"].values, sb["lx"].values
-        theta_x = lens["theta_x"].values[lx]
-        theta_y = lens["theta_y"].values[ly]
-        # rays through the image-pixel centres, beta = theta - alpha (the package convention)
-        beta_x = theta_x[None, :] - lens["alpha_x"].values[np.ix_(ly, lx)]
-        beta_y = theta_y[:, None] - lens["alpha_y"].values[np.ix_(ly, lx)]
-        grid = lensing.source_grid_of(source)
-        src_index = grid.index(beta_x.ravel(), beta_y.ravel()).reshape(beta_x.shape)
-        kpa = self._kpc_per_arcsec(source)
-        centre_beta = tuple(float(v) for v in source.attrs["centre_beta_arcsec"])
-        psf = lensing.source_plane_psf(lens, position_arcsec=centre_beta,
-                                       psf_fwhm_arcsec=self.psf_fwhm_arcsec,
-                                       source_pixel_arcsec=float(source.attrs[
-                                           "source_pixel_arcsec"]),
-                                       kpc_per_arcsec=kpa)
-        kappa, gamma = lensing.convergence_shear(lens)
-        det = (1.0 - kappa) ** 2 - gamma**2
-        critical = _contour_paths(lens["theta_x"].values, lens["theta_y"].values, det)
-        caustics = [self._trace_path(lens, p) for p in critical]
-        entry = {"source": source, "summary": summary, "sb": sb, "theta_x": theta_x,
-                 "theta_y": theta_y, "beta_x": beta_x, "beta_y": beta_y,
-                 "src_index": src_index, "grid": grid, "kpc_per_arcsec": kpa,
-                 "centre_beta": centre_beta, "psf": psf, "critical": critical,
-                 "caustics": caustics, "warnings": [str(w.message) for w in caught],
+        # the reconstruction's own rays (subsample^2 per image pixel), beta = theta - alpha
+        lookup = lensing.ray_lookup(source, lens, ly=sb["ly"].values, lx=sb["lx"].values)
+        psf = lensing.annulus_psf(summary)
+        psf["pa_deg_east_of_north"] = float(summary["source_psf_pa_deg_east_of_north"])
+        critical = lensing.critical_curves(lens)
+        entry = {"source": source, "summary": summary, "sb": sb, "lookup": lookup,
+                 "theta_x": lookup["theta_x"].values, "theta_y": lookup["theta_y"].values,
+                 "shape": (lookup.sizes["ly"], lookup.sizes["lx"]),
+                 "psf": psf, "critical": critical,
+                 "caustics": lensing.caustics(lens, critical),
+                 "warnings": [str(w.message) for w in caught],
                  "seconds": time.perf_counter() - t0}
         entry["image_sb"] = self._image_values(entry)
         self._remember(self._cache, key, entry, CACHE_SIZE)
         self.last_reconstruction_seconds = entry["seconds"]
         return entry
-
-    @staticmethod
-    def _kpc_per_arcsec(source: xr.Dataset) -> float:
-        xs, xa = source["xs"].values, source["xs_arcsec"].values
-        return float((xs[-1] - xs[0]) / (xa[-1] - xa[0])) if xs.size > 1 else 1.0
-
-    @staticmethod
-    def _trace_path(lens: xr.Dataset, path: np.ndarray) -> np.ndarray:
-        """Map an image-plane path (θx, θy) to the source plane with the lens's α."""
-        from scipy import ndimage
-
-        tx, ty = lens["theta_x"].values, lens["theta_y"].values
-        fx = (path[:, 0] - tx[0]) / (tx[1] - tx[0])
-        fy = (path[:, 1] - ty[0]) / (ty[1] - ty[0])
-        ax = ndimage.map_coordinates(lens["alpha_x"].values, [fy, fx], order=1, mode="nearest")
-        ay = ndimage.map_coordinates(lens["alpha_y"].values, [fy, fx], order=1, mode="nearest")
-        return np.column_stack([path[:, 0] - ax, path[:, 1] - ay])
 
     def _image_values(self, entry: dict[str, Any]) -> np.ndarray:
         return self._masked(entry["sb"])
@@ -249,10 +208,9 @@ class LensExplorer(ExplorerBase):
         return self._masked(self.source)
 
     def _beta_to_kpc(self, bx, by) -> tuple[np.ndarray, np.ndarray]:
-        entry = self._entry()
-        k = entry["kpc_per_arcsec"]
-        cx, cy = entry["centre_beta"]
-        return (np.asarray(bx) - cx) * k, (np.asarray(by) - cy) * k
+        from klever_nb import lensing
+
+        return lensing.source_plane_kpc(self.source, bx, by)
 
     @property
     def source(self) -> xr.Dataset:
@@ -266,26 +224,35 @@ class LensExplorer(ExplorerBase):
 
     @property
     def source_psf(self) -> dict[str, Any]:
-        """:func:`klever_nb.lensing.source_plane_psf` at the galaxy centre."""
+        """The reconstruction's source-plane PSF (``fwhm_major_kpc``, ``fwhm_minor_kpc``,
+        ``theta_deg``, ``pa_deg_east_of_north``): :func:`klever_nb.lensing.annulus_psf` of
+        the summary, the PSF the gradient annuli use."""
         return self._entry()["psf"]
 
+    @property
+    def rays(self) -> xr.Dataset:
+        """:func:`klever_nb.lensing.ray_lookup` of the image panel's pixels (``beta_x``,
+        ``beta_y``, ``source_index`` on ``(ly, lx, ray)``)."""
+        return self._entry()["lookup"]
+
     def image_to_source(self, row: int, col: int) -> tuple[int, int]:
-        """Source pixel (row, column) where image pixel (row, col) lands; (-1, -1) if outside."""
-        entry = self._entry()
-        idx = int(entry["src_index"][row, col])
-        if idx < 0:
-            return (-1, -1)
-        return divmod(idx, entry["grid"].nx)
+        """Source pixel (row, column) where most rays of image pixel (row, col) land;
+        (-1, -1) if all land outside (:func:`klever_nb.lensing.landing_pixel`)."""
+        from klever_nb import lensing
+
+        return lensing.landing_pixel(self.rays, row, col)
 
     def source_to_image(self, row: int, col: int) -> np.ndarray:
-        """(n, 2) rows and columns of the image pixels whose centres land in source pixel
-        (row, col): one group per multiple image."""
-        entry = self._entry()
-        return np.argwhere(entry["src_index"] == row * entry["grid"].nx + col)
+        """(n, 2) rows and columns of the image pixels with a ray in source pixel (row, col),
+        the pixels its value averages: one group per multiple image
+        (:func:`klever_nb.lensing.feeding_pixels`)."""
+        from klever_nb import lensing
+
+        return lensing.feeding_pixels(self.rays, row, col)
 
     def select_image(self, row: int, col: int) -> None:
         """Select image-plane pixel (row, col) and the source pixel it lands in."""
-        ny, nx = self._entry()["src_index"].shape
+        ny, nx = self._entry()["shape"]
         if not (0 <= row < ny and 0 <= col < nx):
             raise ConfigError(f"select_image({row}, {col}): outside the {ny}x{nx} image panel")
         with self.hold_trait_notifications():
@@ -294,9 +261,9 @@ class LensExplorer(ExplorerBase):
 
     def select_source(self, row: int, col: int) -> None:
         """Select source pixel (row, col) (the image pixels feeding it are highlighted)."""
-        grid = self._entry()["grid"]
-        if not (0 <= row < grid.ny and 0 <= col < grid.nx):
-            raise ConfigError(f"select_source({row}, {col}): outside the {grid.ny}x{grid.nx} "
+        ny, nx = (int(self.rays.attrs[k]) for k in ("ny", "nx"))
+        if not (0 <= row < ny and 0 <= col < nx):
+            raise ConfigError(f"select_source({row}, {col}): outside the {ny}x{nx} "
                               "source grid")
         self.selected_source_pixel = (int(row), int(col))
 
@@ -306,7 +273,7 @@ class LensExplorer(ExplorerBase):
         import ipywidgets as w
 
         entry = self._entry()
-        image = ImageMap(entry["src_index"].shape, title="image plane",
+        image = ImageMap(entry["shape"], title="image plane",
                          x_label="θx [arcsec]", y_label="θy [arcsec]", css_class="klever-image-plane",
                          x_coords=entry["theta_x"], y_coords=entry["theta_y"])
         source = ImageMap(self.source["flux"].sel(line=self.line).shape, title="source plane",
@@ -372,7 +339,7 @@ class LensExplorer(ExplorerBase):
         entry = self._entry()
         ui = self._ui
         img, src = ui["image"], ui["source"]
-        img.set_grid(entry["src_index"].shape, x_coords=entry["theta_x"],
+        img.set_grid(entry["shape"], x_coords=entry["theta_x"],
                      y_coords=entry["theta_y"])
         entry["image_sb"] = self._image_values(entry)
         img.set_image(entry["image_sb"], vrange=finite_range(entry["image_sb"]))
@@ -404,8 +371,9 @@ class LensExplorer(ExplorerBase):
         ui = self._ui
         row, col = self.selected_image_pixel
         ui["image"].set_marker(row, col)
-        bx, by = self._beta_to_kpc(entry["beta_x"][row, col], entry["beta_y"][row, col])
-        set_points(ui["landing"], [bx], [by])
+        rays = entry["lookup"]
+        bx, by = self._beta_to_kpc(rays["beta_x"].values[row, col], rays["beta_y"].values[row, col])
+        set_points(ui["landing"], bx, by)
         srow, scol = self.selected_source_pixel
         if srow >= 0:
             ui["source"].set_marker(srow, scol)
@@ -435,7 +403,7 @@ class LensExplorer(ExplorerBase):
         if srow >= 0:
             n_img = len(self.source_to_image(srow, scol))
             rows.append(("selected source pixel", f"({srow}, {scol}): fed by {n_img} image "
-                         "pixel centres"))
+                         "pixels"))
         html = "".join(f"<tr><td style='padding:2px 10px'>{k}</td><td><b>{v}</b></td></tr>"
                        for k, v in rows)
         warn = ""
@@ -452,10 +420,10 @@ class LensExplorer(ExplorerBase):
 
     @traitlets.observe("lens_model", "source_pixel_arcsec")
     def _on_reconstruct(self, change) -> None:
-        if not self._lenses or not self.lens_model:
-            return
+        if not self._lenses or not self.lens_model or not self._cache:
+            return  # nothing shown or computed yet: the first access reconstructs
         entry = self._entry()
-        ny, nx = entry["src_index"].shape
+        ny, nx = entry["shape"]
         row, col = self.selected_image_pixel
         row, col = min(row, ny - 1), min(col, nx - 1)
         self.selected_image_pixel = (row, col)
@@ -507,7 +475,8 @@ class LensExplorer(ExplorerBase):
             ax_s.plot(kx, ky, color="#ff7f0e", lw=1)
         ex, ey = self._psf_ellipse()
         ax_s.plot(ex, ey, color="k", lw=1.5)
-        bx, by = self._beta_to_kpc(entry["beta_x"][row, col], entry["beta_y"][row, col])
+        rays = entry["lookup"]
+        bx, by = self._beta_to_kpc(rays["beta_x"].values[row, col], rays["beta_y"].values[row, col])
         ax_s.plot(bx, by, "x", color="#e377c2", ms=10, mew=2)
         ax_s.set_xlim(xs[0] - sx / 2, xs[-1] + sx / 2)
         ax_s.set_ylim(ys[0] - sy / 2, ys[-1] + sy / 2)

@@ -181,14 +181,16 @@ class LineFitExplorer(ExplorerBase):
             self.snr_threshold = float(snr_threshold)
             self.quantity = quantity
             self.line = first
-        if selected_spaxel is None:
-            snr = self.maps["snr"].sel(line=self.line).values
-            if np.isfinite(snr).any():
-                selected_spaxel = tuple(int(i) for i in
-                                        np.unravel_index(np.nanargmax(snr), snr.shape))
-            else:
-                selected_spaxel = (snr.shape[0] // 2, snr.shape[1] // 2)
-        self.selected_spaxel = tuple(selected_spaxel)
+        if selected_spaxel is not None:
+            self.selected_spaxel = tuple(int(v) for v in selected_spaxel)
+
+    @traitlets.default("selected_spaxel")
+    def _peak_snr_spaxel(self) -> tuple[int, int]:
+        """The first access fits: the default spaxel is the current line's SNR peak."""
+        snr = self.maps["snr"].sel(line=self.line).values
+        if np.isfinite(snr).any():
+            return tuple(int(i) for i in np.unravel_index(np.nanargmax(snr), snr.shape))
+        return (snr.shape[0] // 2, snr.shape[1] // 2)
 
     # ------------------------------------------------------------------ state -> fits
     @property
@@ -451,6 +453,8 @@ class LineFitExplorer(ExplorerBase):
         self._set_status()
 
     def _set_status(self) -> None:
+        if self._ui is None:
+            return  # nothing shown yet: no fit just for the status line
         entry = self._fit_entry(self.band)
         n_masked = int(self.masked_pixels().sum())
         ny, nx = self.shape

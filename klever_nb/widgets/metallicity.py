@@ -102,7 +102,7 @@ class MetallicityExplorer(ExplorerBase):
                  diagnostics=None, dust_correction: bool = True, show_emcee: bool = True,
                  selected_pixel: tuple[int, int] | None = None,
                  metallicity_kwargs: dict | None = None):
-        from klever_nb import bpt, metallicity
+        from klever_nb import metallicity
 
         super().__init__()
         self.line_maps = line_maps
@@ -115,7 +115,7 @@ class MetallicityExplorer(ExplorerBase):
         self._maps_cache: dict[tuple, xr.Dataset] = {}
         self._pixel_cache: dict[tuple, dict] = {}
         self._ui: dict[str, Any] | None = None
-        self.bpt = bpt.bpt_classify(line_maps)
+        self._bpt: xr.Dataset | None = None
         if diagnostics is None:
             diagnostics = metallicity.choose_diagnostics(line_maps, redshift=redshift)
         unknown = [d for d in diagnostics if d not in self.available]
@@ -126,15 +126,28 @@ class MetallicityExplorer(ExplorerBase):
             self.diagnostics = list(diagnostics)
             self.dust_correction = bool(dust_correction)
             self.show_emcee = bool(show_emcee)
+        if selected_pixel is not None:
+            self.selected_pixel = tuple(int(v) for v in selected_pixel)
+
+    @traitlets.default("selected_pixel")
+    def _central_finite_pixel(self) -> tuple[int, int]:
+        """The first access computes the map: the default pixel is the finite one nearest
+        the middle of the map."""
         oh = self.metallicity["oh"].values
-        if selected_pixel is None:
-            finite = np.argwhere(np.isfinite(oh))
-            if finite.size:
-                centre = np.array(oh.shape) / 2
-                selected_pixel = tuple(finite[np.argmin(((finite - centre) ** 2).sum(1))])
-            else:
-                selected_pixel = (oh.shape[0] // 2, oh.shape[1] // 2)
-        self.selected_pixel = tuple(int(v) for v in selected_pixel)
+        finite = np.argwhere(np.isfinite(oh))
+        if finite.size:
+            centre = np.array(oh.shape) / 2
+            return tuple(int(v) for v in finite[np.argmin(((finite - centre) ** 2).sum(1))])
+        return (oh.shape[0] // 2, oh.shape[1] // 2)
+
+    @property
+    def bpt(self) -> xr.Dataset:
+        """:func:`klever_nb.bpt.bpt_classify` of the line maps (computed on first use)."""
+        if self._bpt is None:
+            from klever_nb import bpt
+
+            self._bpt = bpt.bpt_classify(self.line_maps)
+        return self._bpt
 
     # ------------------------------------------------------------------ package calls
     @traitlets.validate("diagnostics")
@@ -203,8 +216,10 @@ class MetallicityExplorer(ExplorerBase):
         if diags and ratios:
             obs = np.array([[ratios[d][0] for d in diags]])
             err = np.array([[ratios[d][1] for d in diags]])
+            # the map's own calibration set and grid step: the posterior its summary came from
             cal_set = m.attrs.get("calibration_set", "C20")
-            grid = metallicity.make_grid(diags, calibration_set=cal_set)
+            step = {"step": float(m.attrs["grid_step"])} if "grid_step" in m.attrs else {}
+            grid = metallicity.make_grid(diags, calibration_set=cal_set, **step)
             out["grid"] = grid
             out["density"] = metallicity.posterior_grid(obs, err, diags, calibration_set=cal_set,
                                                         grid=grid)[0]
