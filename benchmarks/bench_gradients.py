@@ -12,7 +12,7 @@ pixel SNR as given). Then
   and [OIII], 2.5 on the other lines) and the K20 eq. (1) grid posterior, PSF-shaped annuli
   in steps of half the source-PSF size, emcee line fit (:func:`klever_nb.gradients.
   measure_gradient`); the source PSF is the smoothed image PSF mapped back;
-* the forward model (:func:`klever_nb.forward_gradient.fit_forward_gradient`) on the
+* the forward model (:func:`klever_nb.gradients.forward.fit_forward_gradient`) on the
   unsmoothed image-plane maps with their independent errors.
 
 Bias is the mean of (recovered - true) (also inverse-variance weighted); coverage the
@@ -42,7 +42,6 @@ import numpy as np  # noqa: E402
 import xarray as xr  # noqa: E402
 from scipy.ndimage import convolve  # noqa: E402
 
-from klever_nb import forward_gradient as fg  # noqa: E402
 from klever_nb import gradients  # noqa: E402
 from klever_nb.calibrations import get_calibration  # noqa: E402
 from klever_nb.constants import (  # noqa: E402
@@ -52,6 +51,7 @@ from klever_nb.constants import (  # noqa: E402
     SMOOTH_FWHM_ARCSEC,
 )
 from klever_nb.cosmology import kpc_per_arcsec  # noqa: E402
+from klever_nb.gradients import forward as fg  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LINES = ["Halpha", "NII_6584", "Hbeta", "OIII_5007"]

@@ -246,7 +246,7 @@ BALMER_SNR = DETECTION_SNR
 
 #: Diagnostics the image-plane forward gradient model handles: ratios of a line to a Balmer
 #: line (FACTS.md §1.2), so that every observable is one line map (the pipeline's
-#: ``gradient_forward`` stage and :mod:`klever_nb.forward_gradient` use this one tuple).
+#: ``gradient_forward`` stage and :mod:`klever_nb.gradients.forward` use this one tuple).
 FORWARD_DIAGNOSTICS = ("N2", "R3", "S2", "R2")
 
 

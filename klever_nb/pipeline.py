@@ -570,8 +570,8 @@ def _forward_gradient(maps: xr.Dataset, source: xr.Dataset, cfg: GalaxyConfig,
                       lens: xr.Dataset | None, lensing_info: Mapping[str, Any],
                       metal_info: Mapping[str, Any]) -> dict:
     """The forward-modelled gradient (beyond K20): source model -> lens -> PSF -> IFU pixels."""
-    from klever_nb import forward_gradient
     from klever_nb.cosmology import kpc_per_arcsec
+    from klever_nb.gradients import forward as forward_gradient
 
     if "flux_unsmoothed" in maps:
         image = xr.Dataset({"flux": maps["flux_unsmoothed"],

@@ -98,7 +98,7 @@ def test_mock_and_metallicity_forward_model_split_doublets_alike():
 
 
 def test_forward_diagnostics_defined_once():
-    from klever_nb import forward_gradient
+    from klever_nb.gradients import forward as forward_gradient
 
     assert forward_gradient.FORWARD_DIAGNOSTICS is constants.FORWARD_DIAGNOSTICS
     from klever_nb.gradients import DIAGNOSTIC_LINES

@@ -56,7 +56,7 @@ CASES = {
         "print('ok-check')",
     ),
     "04_gradients_and_2d_maps.ipynb": (
-        ("klever_nb.gradients", "klever_nb.forward_gradient"),
+        ("klever_nb.gradients", "klever_nb.gradients.forward"),
         {"FigureModel", "ImageModel", "LinesModel", "ScatterModel", "FloatSliderModel",
          "ToggleButtonsModel"},
         "explorer.marks['centre'].x = [0.0]\n"

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
-from test_forward_gradient import GRID, LENS, SHAPE, disc_lines, maps_of
+from test_gradients_forward import GRID, LENS, SHAPE, disc_lines, maps_of
 
-from klever_nb import forward_gradient as fg
+from klever_nb.gradients import forward as fg
 
 
 def test_vectorised_shift_matrices_equal_the_single_ones():

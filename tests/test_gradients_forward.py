@@ -1,4 +1,4 @@
-"""Tests of the image-plane forward-modelled gradient (klever_nb.forward_gradient)."""
+"""Tests of the image-plane forward-modelled gradient (klever_nb.gradients.forward)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import pytest
 import xarray as xr
 from scipy.ndimage import gaussian_filter
 
-from klever_nb import forward_gradient as fg
 from klever_nb.calibrations import get_calibration
 from klever_nb.errors import ConfigError, InputError
+from klever_nb.gradients import forward as fg
 
 N2, R3 = get_calibration("N2"), get_calibration("R3")
 LINES = ["Halpha", "NII_6584", "Hbeta", "OIII_5007"]
