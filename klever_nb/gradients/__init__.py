@@ -35,6 +35,9 @@ Appendix A (binning systematics; the appendix is supplementary material, not in 
 #               measure_gradient, peak_centre_kpc, gradient_centre
 #   maps2d.py   residual_map, correlation_area_pixels, planar_fit,
 #               noise_correlation_kernel, non_axisymmetry (K20 §4.5)
+#   forward_operators.py, forward.py   the forward-modelled gradient (beyond K20): linear
+#               lens/PSF/pixel operators, ForwardModel, fit_forward_gradient
+#               (``from klever_nb.gradients import forward``; not re-exported here)
 # Only the public names are exported; private helpers stay in their modules.
 
 from __future__ import annotations
