@@ -552,6 +552,38 @@ def _code_version() -> dict:
             "uncommitted_package_files": status.splitlines() if status else []}
 
 
+#: Package modules the pipeline imports lazily; the driver imports them before forking the
+#: workers, so every galaxy of a run measures the same code even while the tree is edited.
+PRELOAD = ("klever_nb.pipeline", "klever_nb.fitting", "klever_nb.lensing", "klever_nb.gradients",
+           "klever_nb.metallicity", "klever_nb.dust", "klever_nb.sfr", "klever_nb.figures",
+           "klever_nb.align", "klever_nb.forward_gradient", "klever_nb.gradients.forward",
+           "klever_nb.io.mockfiles", "klever_nb.io.products", "klever_nb.io.images")
+
+
+def _preload(retries: int = 6, wait_s: float = 30.0) -> list[str]:
+    """Import :data:`PRELOAD` (retrying while a module fails to import); return those loaded."""
+    import importlib
+
+    for attempt in range(retries):
+        loaded, failed = [], None
+        for name in PRELOAD:
+            try:
+                importlib.import_module(name)
+                loaded.append(name)
+            except ModuleNotFoundError as err:
+                if err.name != name:  # a module that exists failed to import one it needs
+                    failed = f"{name}: {err}"
+            except Exception as err:  # noqa: BLE001 - a half-edited module: wait and retry
+                failed = f"{name}: {type(err).__name__}: {err}"
+        if failed is None:
+            return loaded
+        print(f"preload failed ({failed}); retry {attempt + 1}/{retries}", file=sys.stderr)
+        for name in [m for m in sys.modules if m.startswith("klever_nb")]:
+            del sys.modules[name]
+        time.sleep(wait_s)
+    raise SystemExit(f"cannot import the package: {failed}")
+
+
 def _write(result: dict, out: Path, stem: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / f".{stem}.json.tmp"
@@ -579,6 +611,7 @@ def main(argv: list[str] | None = None) -> dict:
         figure(saved["rows"], saved["summary"], args.replot.with_suffix(".png"))
         return saved
 
+    preloaded = _preload()
     from klever_nb import mock
 
     n = min(args.n, 6) if args.quick else args.n
@@ -593,6 +626,7 @@ def main(argv: list[str] | None = None) -> dict:
     base = {"benchmark": "strong_lensing", "quick": args.quick, "n_requested": n,
             "seed": args.seed, "jobs": args.jobs, "noiseless_reference": not args.no_noiseless,
             "spec_generation_s": t_specs, "code_version": _code_version(),
+            "preloaded_modules": preloaded,
             "grid": [{"name": s.name, "lens": [dict(c) for c in s.lens.components],
                       "redshift": s.redshift, "snr_halpha_peak": s.snr_halpha_peak,
                       "psf_fwhm_arcsec": s.psf_fwhm_arcsec,
