@@ -15,7 +15,12 @@ import numpy as np
 from astropy.io import fits
 from astropy.wcs import WCS, FITSFixedWarning
 
-__all__ = ["wcs_from_string", "pixel_scale_from_wcs"]
+__all__ = ["WCS_ERRORS", "wcs_from_string", "pixel_scale_from_wcs"]
+
+#: What astropy raises for a broken header or WCS: ValueError (every wcslib WcsError is one),
+#: KeyError/TypeError for missing or mistyped keywords, and fits' VerifyError. Catch these,
+#: never a bare Exception, and say which file and key.
+WCS_ERRORS = (ValueError, KeyError, TypeError, fits.VerifyError)
 
 
 def wcs_from_string(header: str) -> WCS:

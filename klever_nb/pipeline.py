@@ -83,7 +83,8 @@ def read_lens(cfg: GalaxyConfig, cube_wcs: str,
     from klever_nb import lensing
     from klever_nb.io.images import open_lens_maps
 
-    assert cfg.lens is not None
+    if cfg.lens is None:
+        raise ConfigError(f"{cfg.path}: read_lens needs a [lens] table (the galaxy is unlensed)")
     lens_cfg = cfg.lens
     if lens_cfg.deflection_x is not None:
         raw = open_lens_maps(deflection_x=lens_cfg.deflection_x,

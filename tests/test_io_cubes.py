@@ -665,3 +665,27 @@ def test_wave_axis_without_cunit3_takes_the_unit_from_the_values(tmp_path, crval
     cube = open_cube(write(tmp_path, f"nocunit{crval}", [primary]))
     np.testing.assert_allclose(cube.wave, 2.1 + 2.5e-4 * np.arange(10), rtol=1e-12)
     assert "assumed" in cube.attrs["wave_unit_in_file"]
+
+
+def test_a_cube_with_a_broken_celestial_wcs_is_read_with_a_warning_naming_the_keys(tmp_path):
+    """The spectra stay usable, but the reader says the sky position is lost (issue 15)."""
+    import warnings
+
+    from astropy.io import fits
+
+    from klever_nb.io import open_cube
+
+    data = np.ones((40, 5, 5), dtype=np.float32)
+    header = fits.Header()
+    header.update(CTYPE3="WAVE", CUNIT3="um", CRVAL3=2.0, CDELT3=0.0002, CRPIX3=1.0,
+                  CTYPE1="RA---TAN", CTYPE2="DEC--TAN", CRVAL1=10.0, CRVAL2=-95.0,
+                  CDELT1=-5.5e-5, CDELT2=5.5e-5, CRPIX1=3.0, CRPIX2=3.0, BUNIT="erg/s/cm2/um",
+                  PC1_1=0.0, PC1_2=0.0, PC2_1=0.0, PC2_2=0.0)  # singular: no celestial WCS
+    path = tmp_path / "broken.fits"
+    fits.HDUList([fits.PrimaryHDU(data, header=header)]).writeto(path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cube = open_cube(path, noise_kind=None)
+    assert cube.sizes["wave"] == 40
+    messages = [str(w.message) for w in caught]
+    assert any("celestial WCS" in m and "CRVAL1/2" in m for m in messages), messages

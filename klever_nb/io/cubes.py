@@ -40,6 +40,7 @@ from astropy.wcs import WCS, FITSFixedWarning
 from astropy.wcs.utils import proj_plane_pixel_area
 from scipy.ndimage import median_filter
 
+from klever_nb.celestial import WCS_ERRORS
 from klever_nb.constants import INSTRUMENTS
 from klever_nb.errors import ConfigError, InputError
 
@@ -637,7 +638,10 @@ def _celestial(header) -> tuple[str, float | None]:
     try:
         full = _quiet_wcs(header, naxis=[1, 2])  # spatial axes only: CD + CDELT3 mixes are common
         celestial = full.celestial
-    except Exception:  # a broken spatial WCS must not stop reading the spectra
+    except WCS_ERRORS as err:  # a broken spatial WCS must not stop reading the spectra
+        warnings.warn("the cube's celestial WCS (CTYPE1/2, CRVAL1/2, CRPIX1/2, CD/PC/CDELT1/2) "
+                      f"is unreadable ({err}); the maps get no sky position or pixel scale",
+                      RuntimeWarning, stacklevel=3)
         return "", None
     if celestial.naxis == 2:
         scale = np.sqrt(proj_plane_pixel_area(celestial)) * u.Unit(celestial.wcs.cunit[0])

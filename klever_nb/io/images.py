@@ -22,7 +22,7 @@ import xarray as xr
 from astropy.io import fits
 from astropy.wcs import WCS, FITSFixedWarning
 
-from klever_nb.celestial import pixel_scale_from_wcs, wcs_from_string
+from klever_nb.celestial import WCS_ERRORS, pixel_scale_from_wcs, wcs_from_string
 from klever_nb.errors import InputError
 
 __all__ = ["open_image", "open_lens_maps", "wcs_from_string", "pixel_scale_from_wcs"]
@@ -85,7 +85,7 @@ def open_image(path: str | Path, *, hdu: int | str | None = None) -> xr.DataArra
         warnings.simplefilter("ignore", FITSFixedWarning)
         try:
             wcs = WCS(header)
-        except Exception as exc:  # astropy raises several types for broken headers
+        except WCS_ERRORS as exc:
             raise InputError(f"{path}: unreadable WCS in the header ({exc})") from None
     if not wcs.has_celestial:
         raise InputError(f"{path}: no celestial WCS (CTYPE RA---/DEC-- with CRVAL, CRPIX, "

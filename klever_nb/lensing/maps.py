@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from klever_nb.celestial import wcs_from_string
+from klever_nb.celestial import WCS_ERRORS, wcs_from_string
 from klever_nb.constants import FWHM_PER_SIGMA  # noqa: F401  (the lensing modules take it from here)
 from klever_nb.cosmology import dls_over_ds
 from klever_nb.errors import ConfigError, InputError
@@ -28,7 +28,7 @@ def _celestial(header: str | None, what: str):
                          "maps cannot be placed on the sky")
     try:
         wcs = wcs_from_string(header)
-    except Exception as exc:  # astropy raises several types for broken headers
+    except WCS_ERRORS as exc:
         raise InputError(f"{what}: unreadable WCS header ({exc})") from None
     if wcs.naxis != 2 or not wcs.has_celestial:
         raise InputError(f"{what}: the WCS has no celestial (RA/Dec) axes; the maps cannot "
