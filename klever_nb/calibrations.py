@@ -121,7 +121,7 @@ def calibration_sets() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_calibration(diagnostic: str, set_name: str = "C20") -> Calibration:
+def get_calibration(diagnostic: str, *, set_name: str = "C20") -> Calibration:
     """Return one diagnostic's :class:`Calibration` from a registered set.
 
     Examples

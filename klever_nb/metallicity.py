@@ -83,7 +83,7 @@ CHOICE_SNR = DETECTION_SNR
 # ---------------------------------------------------------------------------
 def validity_range(diagnostics: Sequence[str], calibration_set: str = "C20") -> tuple[float, float]:
     """Intersection of the validity ranges of the calibrations used."""
-    cals = [get_calibration(d, calibration_set) for d in diagnostics]
+    cals = [get_calibration(d, set_name=calibration_set) for d in diagnostics]
     lo, hi = max(c.oh_min for c in cals), min(c.oh_max for c in cals)
     if not hi > lo:
         raise ConfigError(f"calibrations {list(diagnostics)} of set {calibration_set!r} have no "
@@ -140,7 +140,7 @@ def chi2_eq1(obs: np.ndarray, weight: np.ndarray, model: np.ndarray) -> np.ndarr
 def _model_table(diagnostics: Sequence[str], calibration_set: str, grid: np.ndarray
                  ) -> tuple[np.ndarray, np.ndarray]:
     """log R_cal on the grid (n_diag, n_grid) and the intrinsic dispersions (n_diag,)."""
-    cals = [get_calibration(d, calibration_set) for d in diagnostics]
+    cals = [get_calibration(d, set_name=calibration_set) for d in diagnostics]
     sigma = np.array([c.sigma for c in cals], dtype=float)
     return calibrated_log_ratios(cals, grid), sigma
 
@@ -482,7 +482,7 @@ def posterior_emcee(log_r_obs: np.ndarray, log_r_err: np.ndarray, diagnostics: S
         raise ConfigError(f"nwalkers={nwalkers}: use an even number >= 2 (2 x ndim)")
     obs_in, err_in, n_diag = _observations(log_r_obs, log_r_err, diagnostics)
     lead = obs_in.shape[:-1]
-    cals = [get_calibration(d, calibration_set) for d in diagnostics]
+    cals = [get_calibration(d, set_name=calibration_set) for d in diagnostics]
     sigma = np.array([c.sigma for c in cals])
     lo, hi = grid_range if grid_range is not None else validity_range(diagnostics,
                                                                         calibration_set)
@@ -750,7 +750,7 @@ def metallicity_map(
     else:
         chosen = choose_diagnostics(maps, redshift=redshift, requested=list(diagnostics))
     for name in chosen:
-        get_calibration(name, calibration_set)  # ConfigError if the set lacks it
+        get_calibration(name, set_name=calibration_set)  # ConfigError if the set lacks it
     spatial = _spatial_dims(maps)
     template = maps["flux"].isel(line=0, drop=True)
     shape = template.shape
@@ -904,7 +904,7 @@ def predicted_line_fluxes(oh: np.ndarray | float, *, calibration_set: str = "C20
     oh = np.broadcast_to(oh, shape)
 
     def ratio(name: str) -> np.ndarray:
-        return 10.0 ** get_calibration(name, calibration_set).log_ratio(oh)
+        return 10.0 ** get_calibration(name, set_name=calibration_set).log_ratio(oh)
 
     hb = np.broadcast_to(np.asarray(hbeta, dtype=float), shape)
     ha = BALMER_INTRINSIC * hb

@@ -247,7 +247,7 @@ def line_ratios_to_halpha(oh: np.ndarray | float, *, calibration_set: str = CALI
     oh = np.asarray(oh, dtype=float)
 
     def ratio(diag: str) -> np.ndarray:
-        return 10.0 ** get_calibration(diag, calibration_set).log_ratio(oh)
+        return 10.0 ** get_calibration(diag, set_name=calibration_set).log_ratio(oh)
 
     hbeta = np.full(oh.shape, 1.0 / constants.BALMER_INTRINSIC)
     oiii = hbeta * ratio("R3")
@@ -288,7 +288,7 @@ def dust_transmission(line: str, ebv: float) -> float:
 
 def oh_range() -> tuple[float, float]:
     """Validity range of the calibrations the mocks use (the clip applied to the O/H map)."""
-    cals = [get_calibration(d, CALIBRATION_SET) for d in ("N2", "R3", "S2", "O3O2")]
+    cals = [get_calibration(d, set_name=CALIBRATION_SET) for d in ("N2", "R3", "S2", "O3O2")]
     return max(c.oh_min for c in cals), min(c.oh_max for c in cals)
 
 
@@ -763,7 +763,7 @@ def _global_oh(source: xr.Dataset) -> dict[str, Any]:
     grid = np.linspace(lo, hi, 26001)
     per_diag = {}
     for diag, value in observed.items():
-        model = get_calibration(diag, CALIBRATION_SET).log_ratio(grid)
+        model = get_calibration(diag, set_name=CALIBRATION_SET).log_ratio(grid)
         miss = np.abs(model - np.log10(value))
         candidates = grid[miss < 1e-3]
         if candidates.size == 0:

@@ -36,7 +36,7 @@ TURNOVERS = {
 
 @pytest.mark.parametrize("name", sorted(C20_TABLE))
 def test_c20_coefficients_and_sigma_match_table_2(name):
-    cal = get_calibration(name, "C20")
+    cal = get_calibration(name, set_name="C20")
     coeffs, sigma = C20_TABLE[name]
     assert cal.coefficients == pytest.approx(coeffs, abs=0)
     assert cal.sigma == sigma
@@ -46,7 +46,7 @@ def test_c20_coefficients_and_sigma_match_table_2(name):
 
 @pytest.mark.parametrize("name", sorted(C20_TABLE))
 def test_c20_polynomial_values_by_hand(name):
-    cal = get_calibration(name, "C20")
+    cal = get_calibration(name, set_name="C20")
     coeffs, _ = C20_TABLE[name]
     for oh in (7.7, 8.0, 8.69, 8.85):
         x = oh - 8.69
@@ -57,7 +57,7 @@ def test_c20_polynomial_values_by_hand(name):
 
 @pytest.mark.parametrize("name", sorted(TURNOVERS))
 def test_c20_turnovers_and_spans_match_facts_table(name):
-    cal = get_calibration(name, "C20")
+    cal = get_calibration(name, set_name="C20")
     x_peak, y_peak, span_lo, span_hi = TURNOVERS[name]
     fine = np.linspace(7.0, 9.3, 230_001)
     values = cal.log_ratio(fine)
@@ -77,17 +77,17 @@ def test_o3s2_is_monotonic_over_the_range():
 
 def test_c17_shares_c20_except_r2():
     for name in ("R3", "O3O2", "R23", "N2", "O3N2"):
-        assert get_calibration(name, "C17").coefficients == get_calibration(name, "C20").coefficients
-    assert get_calibration("R2", "C17").coefficients == (0.418, -0.961, -3.505, -1.949)
-    assert get_calibration("R2", "C20").coefficients != get_calibration("R2", "C17").coefficients
+        assert get_calibration(name, set_name="C17").coefficients == get_calibration(name, set_name="C20").coefficients
+    assert get_calibration("R2", set_name="C17").coefficients == (0.418, -0.961, -3.505, -1.949)
+    assert get_calibration("R2", set_name="C20").coefficients != get_calibration("R2", set_name="C17").coefficients
     with pytest.raises(ConfigError, match="S2"):
-        get_calibration("S2", "C17")
+        get_calibration("S2", set_name="C17")
 
 
 def test_m08_coefficients_facts_1_6():
-    assert get_calibration("R23", "M08").coefficients == (0.7462, -0.7149, -0.9401, -0.6154,
+    assert get_calibration("R23", set_name="M08").coefficients == (0.7462, -0.7149, -0.9401, -0.6154,
                                                           -0.2524)
-    assert get_calibration("N2", "M08").coefficients == (-0.7732, 1.2357, -0.2811, -0.7201,
+    assert get_calibration("N2", set_name="M08").coefficients == (-0.7732, 1.2357, -0.2811, -0.7201,
                                                          -0.3330)
 
 
@@ -97,13 +97,13 @@ def test_user_can_register_a_calibration_set(tmp_path):
                     '[diagnostics.R3]\ncoefficients = [0.1, -1.0]\nsigma = 0.05\n')
     assert register_calibration_file(path) == "MINE"
     assert "MINE" in calibration_sets()
-    cal = get_calibration("R3", "MINE")
+    cal = get_calibration("R3", set_name="MINE")
     assert float(cal.log_ratio(8.69 + 0.5)) == pytest.approx(0.1 - 0.5)
     assert cal.sigma == 0.05 and cal.oh_min == 7.5
 
 
 def test_unknown_set_or_diagnostic_is_a_config_error():
     with pytest.raises(ConfigError, match="unknown calibration set"):
-        get_calibration("R3", "NOPE")
+        get_calibration("R3", set_name="NOPE")
     with pytest.raises(ConfigError, match="no diagnostic"):
-        get_calibration("XYZ", "C20")
+        get_calibration("XYZ", set_name="C20")

@@ -202,7 +202,7 @@ class ForwardModel:
             raise ConfigError(f"lens_forward works on a {operator.source_shape} source grid but "
                               f"source_grid_kpc is {(self.ys.size, self.xs.size)}")
         self.diagnostics = list(diagnostics)
-        self.calibrations = [get_calibration(d, calibration_set) for d in self.diagnostics]
+        self.calibrations = [get_calibration(d, set_name=calibration_set) for d in self.diagnostics]
         self.calibration_scatter = calibration_scatter
         self.radius = radius
         lines = set(np.asarray(line_maps["line"]).astype(str))

@@ -247,7 +247,7 @@ class MetallicityExplorer(ExplorerBase):
         cal_set = self.metallicity.attrs.get("calibration_set", "C20")
         out = {}
         for d in self.diagnostics:
-            cal = get_calibration(d, cal_set)
+            cal = get_calibration(d, set_name=cal_set)
             oh = np.linspace(cal.oh_min, cal.oh_max, n)
             out[d] = (oh, np.asarray(cal.log_ratio(oh), dtype=float))
         return out
