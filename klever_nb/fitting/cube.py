@@ -16,6 +16,7 @@ import xarray as xr
 
 from klever_nb import constants
 from klever_nb.errors import ConfigError, InputError
+from klever_nb.fitting import vpfit
 from klever_nb.fitting.kernel import (
     _covariance,
     _evaluate,
@@ -56,6 +57,8 @@ def _start_theta(model: BandModel, yw, w, settings: FitSettings) -> np.ndarray:
     The grid compares unconstrained linear fits (ratio bounds ignored): it only
     chooses where the iterations start.
     """
+    if _use_numba() and vpfit.available():
+        return vpfit.start_theta(model, yw, w, settings)
     n = yw.shape[0]
     theta = np.tile([0.0, settings.sigma_start_kms], (n, len(model.groups))).astype(float)
     vgrid = np.arange(settings.velocity_range_kms[0],
@@ -96,7 +99,10 @@ def _fit_free(model: BandModel, yw, w, settings: FitSettings) -> dict:
     n = yw.shape[0]
     frozen = np.zeros((n, model.n_theta), dtype=bool)
     theta = _start_theta(model, yw, w, settings)
-    start = _take(_evaluate(model, theta, yw, w, True, frozen), slice(None))
+    if _use_numba() and vpfit.available():  # the evaluation at the start, compiled
+        start = vpfit.levenberg_marquardt(model, theta, yw, w, settings, frozen, 0)[1]
+    else:
+        start = _take(_evaluate(model, theta, yw, w, True, frozen), slice(None))
     var_coef, var_theta = _covariance(model, theta, start, frozen)
     hopeless = np.all(_group_snr_max(model, start["coef"], var_coef)
                       < 0.4 * settings.kinematics_snr, axis=1)

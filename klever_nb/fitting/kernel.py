@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from klever_nb.fitting import vpfit
 from klever_nb.fitting.model import (
     _TRUNCATE_SIGMA,
     BandModel,
@@ -430,8 +431,11 @@ def _levenberg_marquardt(model: BandModel, theta, yw, w, settings: FitSettings, 
     """Batched, bounded Levenberg–Marquardt on (v, sigma) with variable projection.
 
     Returns the final theta, the state at it (dict of arrays), converged flags and
-    iteration counts. Spaxels leave the active set when converged.
+    iteration counts. Spaxels leave the active set when converged. With numba the
+    compiled per-spaxel twin (:mod:`klever_nb.fitting.vpfit`, the same steps) runs instead.
     """
+    if _use_numba() and vpfit.available():
+        return vpfit.levenberg_marquardt(model, theta, yw, w, settings, frozen, max_iterations)
     lo, hi = model.theta_bounds()
     theta = np.clip(theta, lo, hi)
     base = base_gram(model, yw, w) if _use_numba() else None
