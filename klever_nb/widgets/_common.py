@@ -292,6 +292,17 @@ def fmt(value: float, spec: str = ".3g") -> str:
     return "—" if not np.isfinite(value) else format(value, spec)
 
 
+def ellipse_outline(xc: float, yc: float, a: float, b: float, theta_rad: float, n: int = 73
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` points (x, y) around an ellipse: semi-axes ``a``, ``b``, the ``a`` axis at
+    ``theta_rad`` counter-clockwise from +x (the source-grid frame of the PSF's ``theta_deg``
+    and of the photutils apertures)."""
+    t = np.linspace(0.0, 2.0 * np.pi, n)
+    u, v = a * np.cos(t), b * np.sin(t)
+    c, s = np.cos(theta_rad), np.sin(theta_rad)
+    return xc + u * c - v * s, yc + u * s + v * c
+
+
 def set_points(mark, x, y) -> None:
     """Put the finite (x, y) pairs on a bqplot Scatter; hide it when there is none.
 

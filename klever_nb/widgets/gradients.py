@@ -30,16 +30,16 @@ import traitlets
 import xarray as xr
 
 from klever_nb.errors import ConfigError
-from klever_nb.widgets._common import MASKED_COLOUR, ExplorerBase, ImageMap, finite_range, fmt
+from klever_nb.widgets._common import (
+    MASKED_COLOUR,
+    ExplorerBase,
+    ImageMap,
+    ellipse_outline,
+    finite_range,
+    fmt,
+)
 
 METHODS = ("paper", "forward")
-
-
-def _ellipse(xc: float, yc: float, a: float, b: float, theta: float, n: int = 73
-             ) -> tuple[np.ndarray, np.ndarray]:
-    t = np.linspace(0.0, 2.0 * np.pi, n)
-    u, v = a * np.cos(t), b * np.sin(t)
-    return xc + u * np.cos(theta) - v * np.sin(theta), yc + u * np.sin(theta) + v * np.cos(theta)
 
 
 class GradientExplorer(ExplorerBase):
@@ -161,7 +161,7 @@ class GradientExplorer(ExplorerBase):
             a = getattr(ap, "a_out", getattr(ap, "a", None))
             b = getattr(ap, "b_out", getattr(ap, "b", None))
             theta = ap.theta.to_value("rad") if hasattr(ap.theta, "to_value") else ap.theta
-            ex, ey = _ellipse(px, py, a, b, float(theta))
+            ex, ey = ellipse_outline(px, py, a, b, float(theta))
             out.append((xs[0] + ex * dx, ys[0] + ey * dy))
         return out
 

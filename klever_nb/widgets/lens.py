@@ -43,6 +43,7 @@ from klever_nb.widgets._common import (
     SEQUENTIAL,
     ExplorerBase,
     ImageMap,
+    ellipse_outline,
     finite_range,
     fmt,
     set_points,
@@ -327,11 +328,8 @@ class LensExplorer(ExplorerBase):
 
     def _psf_ellipse(self) -> tuple[np.ndarray, np.ndarray]:
         psf = self.source_psf
-        a, b = psf["fwhm_major_kpc"] / 2, psf["fwhm_minor_kpc"] / 2
-        t = np.linspace(0, 2 * np.pi, 73)
-        th = np.radians(psf["theta_deg"])
-        u, v = a * np.cos(t), b * np.sin(t)
-        return u * np.cos(th) - v * np.sin(th), u * np.sin(th) + v * np.cos(th)
+        return ellipse_outline(0.0, 0.0, psf["fwhm_major_kpc"] / 2, psf["fwhm_minor_kpc"] / 2,
+                               np.radians(psf["theta_deg"]))
 
     def _redraw_all(self) -> None:
         if self._ui is None:
