@@ -13,6 +13,9 @@ OH-shaped noise, 1 % NaN spaxels. Reported:
   CPU time): the
   reference (:func:`klever_nb.fitting.fit_spectrum_reference`, one
   ``scipy.optimize.least_squares`` per spaxel) timed on a subset of every band;
+- ``plain_loop_spaxels_per_s`` and ``speedup_vs_plain_loop``: the loop users write
+  (:func:`plain_loop_fit`: one ``least_squares`` per spaxel from a data-driven start, no
+  grid, no second pass) on a random subset of every band, timed in the same process;
 - ``max_dflux_over_sigma`` / ``max_dv_over_sigma_v`` over the subset's SNR > 3 lines;
 - peak memory of the batched fit (tracemalloc, numpy allocations) and the process's
   peak RSS.
@@ -86,6 +89,65 @@ def synthetic_band(band: str, rng) -> xr.Dataset:
     return cube
 
 
+def plain_loop_fit(model, flux, noise) -> dict:
+    """The loop users write today: one ``least_squares`` per spaxel, no grid, no second pass.
+
+    A lean, vectorised model a competent user writes (all lines' pixel-integrated
+    Gaussians from one ``erf`` call on the pixel edges, v and sigma tied per group,
+    fixed doublet ratios folded in, other fluxes free, a linear continuum per segment),
+    started from the data: v from the channel of the highest flux within the velocity
+    range of the group's lines, sigma 60 km/s, fluxes and continuum from one linear solve
+    there; scipy's default ``trf`` method and tolerances, 2-point Jacobian.
+    """
+    from scipy.optimize import least_squares
+    from scipy.special import erf
+
+    flux, noise = np.asarray(flux, float), np.asarray(noise, float)
+    good = np.isfinite(flux) & np.isfinite(noise) & (noise > 0)
+    n_g = len(model.groups)
+    m_lines = model.combos[0][1]            # fixed ratios folded in, bounded pairs free
+    n_f = m_lines.shape[1]
+    if good.sum() <= n_f + model.n_cont + 2 * n_g:
+        return {"ok": False}
+    y, sig = flux[good], noise[good]
+    lo_e, hi_e = model.edge_lo[good], model.edge_hi[good]
+    width = model.width_int[good]
+    basis = model.continuum_basis[good]
+    grp = model.line_group
+    c0, s_inst = model.centre, model.sigma_inst
+
+    def profiles(theta):
+        mu = c0 * (1 + theta[2 * grp] / fitting.C_KMS)
+        s = np.sqrt((c0 * theta[2 * grp + 1] / fitting.C_KMS) ** 2 + s_inst ** 2) * np.sqrt(2)
+        return 0.5 * (erf((hi_e - mu[:, None]) / s[:, None])
+                      - erf((lo_e - mu[:, None]) / s[:, None])) / width
+
+    def residuals(p):
+        prof = m_lines.T @ profiles(p[:2 * n_g])
+        return (y - p[2 * n_g:2 * n_g + n_f] @ prof - basis @ p[2 * n_g + n_f:]) / sig
+
+    vlo, vhi = model.vel_bounds
+    theta = np.tile([0.0, 60.0], n_g)
+    wave = model.wave_aa[good]
+    for gi in range(n_g):
+        best = -np.inf
+        for j in np.flatnonzero(grp == gi):
+            dv = (wave / c0[j] - 1) * fitting.C_KMS
+            near = (dv > vlo) & (dv < vhi)
+            if near.any() and np.max(y[near]) > best:
+                k = np.flatnonzero(near)[np.argmax(y[near])]
+                best, theta[2 * gi] = y[k], dv[k]
+    design = np.column_stack([(m_lines.T @ profiles(theta)).T, basis]) / sig[:, None]
+    lin0 = np.linalg.lstsq(design, y / sig, rcond=None)[0]
+    tlo, thi = model.theta_bounds()
+    lower = np.concatenate([tlo, np.full(lin0.size, -np.inf)])
+    upper = np.concatenate([thi, np.full(lin0.size, np.inf)])
+    x0 = np.clip(np.concatenate([theta, lin0]), lower, upper)
+    res = least_squares(residuals, x0, bounds=(lower, upper))
+    return {"ok": bool(res.success), "theta": res.x[:2 * n_g],
+            "flux": m_lines @ res.x[2 * n_g:2 * n_g + n_f]}
+
+
 def fit_all(cubes, repeat: int, cpu: list | None = None) -> tuple[float, dict]:
     best, out = np.inf, {}
     for _ in range(repeat):
@@ -100,6 +162,7 @@ def fit_all(cubes, repeat: int, cpu: list | None = None) -> tuple[float, dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reference-per-band", type=int, default=30)
+    parser.add_argument("--plain-per-band", type=int, default=60)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
@@ -163,6 +226,25 @@ def main() -> None:
             dv = np.abs((b.velocity - ref.velocity) / ref.velocity_err).values[free]
             if np.isfinite(dv).any():
                 worst_v = max(worst_v, float(np.nanmax(dv)))
+    # the plain loop users write, on a subset of every band (same spaxels drawn afresh)
+    t_plain = c_plain = 0.0
+    n_plain = 0
+    for cube in cubes.values():
+        model = fitting.build_band_model(
+            cube.wave.values, redshift=Z, lines=None,
+            resolving_power=cube.attrs["resolving_power"], settings=fitting.FitSettings(),
+            angstrom_to_int=1.0)
+        picks = rng.choice(cube.sizes["y"] * cube.sizes["x"], size=args.plain_per_band,
+                           replace=False)
+        for k in picks:
+            yy, xx = divmod(int(k), cube.sizes["x"])
+            spec = cube.isel(y=yy, x=xx, wave=model.channels)
+            t0, c0 = time.perf_counter(), time.process_time()
+            plain_loop_fit(model, spec.flux.values, spec.noise.values)
+            t_plain += time.perf_counter() - t0
+            c_plain += time.process_time() - c0
+            n_plain += 1
+    plain_rate = n_plain / t_plain
     batched_rate = n_spaxels / wall_1
     ref_rate = n_ref / t_ref
     not_converged = sum(int(m.attrs["n_not_converged"]) for m in maps.values())
@@ -179,6 +261,10 @@ def main() -> None:
         "pure_numpy_vs_numba_max_dflux_over_sigma": numpy_vs_numba,
         "batched_spaxels_per_s": round(batched_rate, 1),
         "reference_spaxels_per_s": round(ref_rate, 2),
+        "plain_loop_spaxels_per_s": round(plain_rate, 2),
+        "plain_loop_subset_spaxels": n_plain,
+        "speedup_vs_plain_loop": round(batched_rate / plain_rate, 1),
+        "speedup_vs_plain_loop_cpu_time": round((n_spaxels / min(cpu)) / (n_plain / c_plain), 1),
         "speedup_vs_reference": round(batched_rate / ref_rate, 1),
         "speedup_vs_reference_cpu_time": round((n_spaxels / min(cpu)) / (n_ref / c_ref), 1),
         "reference_subset_spaxels": n_ref,
@@ -189,6 +275,7 @@ def main() -> None:
         "peak_memory_traced_mb": round(peak_traced / 2**20, 1),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "targets": {"cube_3band_wall_s": "<= 1", "speedup_vs_reference": ">= 100",
+                    "speedup_vs_plain_loop": "reported (issue 20: the honest ratio)",
                     "max_dflux_over_sigma": "<= 0.05", "max_dv_over_sigma_v": "<= 0.05"},
     }, indent=1))
 

@@ -689,3 +689,52 @@ def test_a_cube_with_a_broken_celestial_wcs_is_read_with_a_warning_naming_the_ke
     assert cube.sizes["wave"] == 40
     messages = [str(w.message) for w in caught]
     assert any("celestial WCS" in m and "CRVAL1/2" in m for m in messages), messages
+
+
+# --- lazy (memory-mapped, section) reading: issue 20 -------------------------------
+@pytest.mark.parametrize("writer", CONVENTIONS,
+                         ids=lambda f: f.__name__)
+def test_lazy_read_gives_the_eager_numbers_for_every_layout(tmp_path, writer):
+    """``open_cube(lazy=True)`` reads sections through a memory map and converts them exactly
+    as the eager read does (masks, noise kind/units, f_nu factors, air->vacuum order)."""
+    path, _ = writer(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        eager = open_cube(path)
+        lazy = open_cube(path, lazy=True)
+    assert lazy.attrs["lazy"] and "lazy" not in eager.attrs
+    np.testing.assert_array_equal(lazy.wave.values, eager.wave.values)
+    ny, nx = eager.sizes["y"], eager.sizes["x"]
+    picks = [dict(), dict(wave=[7, 2, 30], y=slice(1, ny), x=[0, nx - 1]),
+             dict(wave=slice(3, 40, 3), y=ny // 2), dict(x=slice(1, None, 2))]
+    for sel in picks:
+        for name in ("flux", "noise"):
+            np.testing.assert_array_equal(lazy[name].isel(**sel).values,
+                                          eager[name].isel(**sel).values)
+
+
+def test_lazy_noise_estimate_equals_the_eager_one(tmp_path):
+    wave = vacuum_grid()
+    rng = np.random.default_rng(4)
+    flux = model_flux(wave) + rng.normal(0, 0.3, (wave.size, 5, 6))
+    primary = fits.PrimaryHDU(flux.astype(np.float32))
+    primary.header["BUNIT"] = "1e-20 erg/s/cm2/Angstrom"
+    celestial(primary.header)
+    linear_spectral(primary.header)
+    path = write(tmp_path, "bare_noise", [primary])
+    eager, lazy = open_cube(path), open_cube(path, lazy=True)
+    assert eager.attrs["noise_estimated"] and lazy.attrs["noise_estimated"]
+    np.testing.assert_allclose(lazy.noise.values, eager.noise.values, rtol=1e-12)
+
+
+def test_gzip_cube_over_the_memory_budget_is_one_clear_error(tmp_path, monkeypatch):
+    import gzip
+
+    path, _ = kmos_combined_um(tmp_path)
+    gz = tmp_path / "cube.fits.gz"
+    gz.write_bytes(gzip.compress(path.read_bytes()))
+    assert open_cube(gz, lazy=True).flux.shape == open_cube(path).flux.shape  # fits: read whole
+    monkeypatch.setenv("KLEVER_NB_MEMORY_BUDGET_MB", "0.01")
+    with pytest.raises(InputError, match="gzip-compressed FITS cannot be memory-mapped") as err:
+        open_cube(gz, lazy=True)
+    assert "\n" not in str(err.value)

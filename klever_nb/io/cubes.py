@@ -27,6 +27,7 @@ format); issues 3 and 12.
 
 from __future__ import annotations
 
+import os
 import re
 import warnings
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ from astropy.io import fits
 from astropy.wcs import WCS, FITSFixedWarning
 from astropy.wcs.utils import proj_plane_pixel_area
 from scipy.ndimage import median_filter
+from xarray.core import indexing
 
 from klever_nb.celestial import WCS_ERRORS
 from klever_nb.constants import INSTRUMENTS
@@ -180,7 +182,7 @@ def _input_error(path, hdu, key, problem: str, fix: str) -> InputError:
 # ---------------------------------------------------------------------------
 # Opening the file and finding the HDUs
 # ---------------------------------------------------------------------------
-def _open_fits(path: Path) -> fits.HDUList:
+def _open_fits(path: Path, memmap: bool = False) -> fits.HDUList:
     if not path.exists():
         raise _input_error(path, None, None, "file not found", "check the path")
     if path.is_dir():
@@ -188,7 +190,7 @@ def _open_fits(path: Path) -> fits.HDUList:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            hdul = fits.open(path, memmap=False, lazy_load_hdus=False)
+            hdul = fits.open(path, memmap=memmap, lazy_load_hdus=False)
         except Exception as exc:  # astropy raises OSError, ValueError, TypeError...
             raise _input_error(path, None, None, f"not a readable FITS file ({exc})",
                                "give a FITS cube (re-download it if it was truncated)") from exc
@@ -207,8 +209,15 @@ def _hdu_name(hdul: fits.HDUList, index: int) -> str:
 
 
 def _is_cube(hdu) -> bool:
-    return (isinstance(hdu, fits.PrimaryHDU | fits.ImageHDU | fits.CompImageHDU)
-            and hdu.header.get("NAXIS", 0) == 3 and hdu.data is not None)
+    """A 3-D image HDU with data, decided from the header (the data stay unread)."""
+    header = hdu.header
+    if isinstance(hdu, fits.CompImageHDU):
+        return header.get("ZNAXIS", header.get("NAXIS", 0)) == 3 and all(
+            int(header.get(f"ZNAXIS{i}", header.get(f"NAXIS{i}", 0)) or 0) > 0
+            for i in (1, 2, 3))
+    return (isinstance(hdu, fits.PrimaryHDU | fits.ImageHDU)
+            and header.get("NAXIS", 0) == 3
+            and all(int(header.get(f"NAXIS{i}", 0) or 0) > 0 for i in (1, 2, 3)))
 
 
 @dataclass(frozen=True)
@@ -694,7 +703,7 @@ def _decide_medium(path, wave_um, medium_in_header, wavelength_medium, ctype) ->
 
 def open_cube(path, *, noise_kind: str | None = None, wavelength_medium: str | None = None,
               ifu: int | None = None, band: str | None = None,
-              instrument: str | None = None) -> xr.Dataset:
+              instrument: str | None = None, lazy: bool = False) -> xr.Dataset:
     """Read an IFU cube of any common layout into the klever_nb cube Dataset.
 
     Parameters
@@ -717,6 +726,12 @@ def open_cube(path, *, noise_kind: str | None = None, wavelength_medium: str | N
         range matches the cube's, else "").
     instrument : str, optional
         Instrument name (default: INSTRUME, else guessed from the layout, else "unknown").
+    lazy : bool, optional
+        Memory-map the file and read only the sections that are indexed (``flux`` and
+        ``noise`` are lazily indexed arrays: ``cube.isel(...).values`` reads and converts
+        just that part, with the same numbers as an eager read). A whole-file-compressed
+        FITS (``.fits.gz``) cannot be memory-mapped: it is read whole, or refused with an
+        :class:`InputError` when that exceeds :func:`memory_budget_bytes`.
 
     Returns
     -------
@@ -755,11 +770,30 @@ def open_cube(path, *, noise_kind: str | None = None, wavelength_medium: str | N
     """
     path = Path(path)
     _validate_choices(path, noise_kind, wavelength_medium)
-    with _open_fits(path) as hdul:
+    compression = _file_compression(path) if lazy and path.is_file() else None
+    with _open_fits(path, memmap=lazy and compression is None) as hdul:
         layout = _find_layout(path, hdul, ifu)
+        if lazy and compression is not None:
+            _check_fits_in_memory(path, hdul, layout, compression)
         return _build_cube(path, hdul, layout, noise_kind=noise_kind,
                            wavelength_medium=wavelength_medium, band=band,
-                           instrument=instrument)
+                           instrument=instrument, lazy=lazy and compression is None)
+
+
+def _check_fits_in_memory(path, hdul, layout: _Layout, compression: str) -> None:
+    """A whole-file-compressed cube is read at once: refuse it when it exceeds the budget."""
+    if not _is_cube(hdul[layout.data]):
+        return
+    n_voxels = int(np.prod(_hdu_shape(hdul[layout.data])))
+    need = n_voxels * 8 * 3  # float64 flux and noise, and the file's own copy
+    budget = memory_budget_bytes()
+    if need > budget:
+        raise _input_error(path, None, None,
+                           f"{compression}-compressed FITS cannot be memory-mapped or read in "
+                           f"chunks, and reading it whole needs ~{need / 2**30:.1f} GB (budget "
+                           f"{budget / 2**30:.1f} GB)",
+                           f"decompress it first (e.g. gunzip) so that it is read in chunks, or "
+                           f"raise {MEMORY_BUDGET_ENV}")
 
 
 def _unit_note(hdul, layout: _Layout, header) -> str:
@@ -794,7 +828,7 @@ def _read_noise(path, hdul, layout: _Layout, flux: np.ndarray, flux_unit: u.Unit
 
 
 def _build_cube(path, hdul, layout: _Layout, *, noise_kind, wavelength_medium, band,
-                instrument) -> xr.Dataset:
+                instrument, lazy: bool = False) -> xr.Dataset:
     data_hdu = hdul[layout.data]
     data_name = _hdu_name(hdul, layout.data)
     if not _is_cube(data_hdu):
@@ -802,8 +836,12 @@ def _build_cube(path, hdul, layout: _Layout, *, noise_kind, wavelength_medium, b
                            f"{data_hdu.header.get('NAXIS', 0)}, not a 3-D cube",
                            "give an IFU cube")
     header, primary = data_hdu.header, hdul[0].header
-    flux = np.array(data_hdu.data, dtype=np.float64)
-    shape = flux.shape
+    if lazy:
+        flux = None
+        shape = _hdu_shape(data_hdu)
+    else:
+        flux = np.array(data_hdu.data, dtype=np.float64)
+        shape = flux.shape
 
     # Wavelengths (file medium, µm), then vacuum.
     if layout.wave_table is not None:
@@ -822,25 +860,36 @@ def _build_cube(path, hdul, layout: _Layout, *, noise_kind, wavelength_medium, b
 
     # Masks from the file first (so that a noise estimate ignores them), then noise (1σ).
     mask_name = ""
-    if layout.mask is not None:
-        mask_name = _hdu_name(hdul, layout.mask)
-        flux[np.broadcast_to(_read_mask(path, hdul, layout.mask, shape), shape)] = np.nan
-    noise, noise_name, kind, noise_attrs, noise_method = _read_noise(
-        path, hdul, layout, flux, flux_unit, noise_kind)
-    estimated = layout.noise is None
-    bad = ~np.isfinite(flux) | ~np.isfinite(noise) | (noise <= 0)
-    flux[bad] = np.nan
-    noise[bad] = np.nan
-
-    # f_nu → F_lambda (JWST MJy/sr): per-channel factors through spectral_density.
     factors, out_unit = _fnu_to_flambda(flux_unit, wave_um)
-    if factors is not None:
-        flux *= factors[:, None, None]
-        noise *= factors[:, None, None]
+    if lazy:
+        source, noise_name, kind, noise_attrs, noise_method = _lazy_source(
+            path, hdul, layout, shape, flux_unit, noise_kind, factors)
+        mask_name = _hdu_name(hdul, layout.mask) if layout.mask is not None else ""
+        reverse = wave_um.size > 1 and wave_um[-1] < wave_um[0]
+        if reverse:
+            wave_um = wave_um[::-1]
+            source.reverse = True
+        flux = _LazyCubeArray(source, "flux")
+        noise = _LazyCubeArray(source, "noise")
+    else:
+        if layout.mask is not None:
+            mask_name = _hdu_name(hdul, layout.mask)
+            flux[np.broadcast_to(_read_mask(path, hdul, layout.mask, shape), shape)] = np.nan
+        noise, noise_name, kind, noise_attrs, noise_method = _read_noise(
+            path, hdul, layout, flux, flux_unit, noise_kind)
+        bad = ~np.isfinite(flux) | ~np.isfinite(noise) | (noise <= 0)
+        flux[bad] = np.nan
+        noise[bad] = np.nan
 
-    # Increasing wavelengths.
-    if wave_um.size > 1 and wave_um[-1] < wave_um[0]:
-        wave_um, flux, noise = wave_um[::-1], flux[::-1], noise[::-1]
+        # f_nu → F_lambda (JWST MJy/sr): per-channel factors through spectral_density.
+        if factors is not None:
+            flux *= factors[:, None, None]
+            noise *= factors[:, None, None]
+
+        # Increasing wavelengths.
+        if wave_um.size > 1 and wave_um[-1] < wave_um[0]:
+            wave_um, flux, noise = wave_um[::-1], flux[::-1], noise[::-1]
+    estimated = layout.noise is None
     if np.any(np.diff(wave_um) <= 0):
         raise _input_error(path, data_name, "CTYPE3", "wavelengths are not monotonic",
                            "check the spectral axis")
@@ -881,11 +930,240 @@ def _build_cube(path, hdul, layout: _Layout, *, noise_kind, wavelength_medium, b
                   "long_name": "flux density"}
     noise_attrs.update(units=units, long_name="1 sigma noise of flux")
     ny, nx = shape[1:]
+    if lazy:
+        attrs["lazy"] = True
+        flux = xr.Variable(("wave", "y", "x"), indexing.LazilyIndexedArray(flux), flux_attrs)
+        noise = xr.Variable(("wave", "y", "x"), indexing.LazilyIndexedArray(noise),
+                            noise_attrs)
     return xr.Dataset(
-        {"flux": (("wave", "y", "x"), flux, flux_attrs),
-         "noise": (("wave", "y", "x"), noise, noise_attrs)},
+        {"flux": flux if lazy else (("wave", "y", "x"), flux, flux_attrs),
+         "noise": noise if lazy else (("wave", "y", "x"), noise, noise_attrs)},
         coords={"wave": ("wave", wave_um, {"units": "um", "medium": "vacuum",
                                            "frame": "observed"}),
                 "y": ("y", np.arange(ny)), "x": ("x", np.arange(nx))},
         attrs=attrs,
     )
+
+
+# ---------------------------------------------------------------------------
+# Lazy (memory-mapped, section-by-section) reading for cubes larger than memory
+# ---------------------------------------------------------------------------
+#: Environment variable that sets the memory budget (MB) of whole-cube reads.
+MEMORY_BUDGET_ENV = "KLEVER_NB_MEMORY_BUDGET_MB"
+
+
+def memory_budget_bytes() -> float:
+    """Bytes a whole-cube read may use: ``$KLEVER_NB_MEMORY_BUDGET_MB``, else half the
+    available memory (psutil), else unlimited."""
+    env = os.environ.get(MEMORY_BUDGET_ENV)
+    if env:
+        try:
+            return float(env) * 2**20
+        except ValueError:
+            raise ConfigError(f"{MEMORY_BUDGET_ENV}={env!r} is not a number of MB") from None
+    try:
+        import psutil
+    except ImportError:  # pragma: no cover
+        return float("inf")
+    return 0.5 * float(psutil.virtual_memory().available)
+
+
+def _file_compression(path: Path) -> str | None:
+    """'gzip', 'bzip2' or 'zip' for a whole-file-compressed FITS (cannot be memory-mapped)."""
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    if head[:2] == b"\x1f\x8b":
+        return "gzip"
+    if head[:3] == b"BZh":
+        return "bzip2"
+    if head[:2] == b"PK":
+        return "zip"
+    return None
+
+
+def _hdu_shape(hdu) -> tuple[int, int, int]:
+    header = hdu.header
+    if isinstance(hdu, fits.CompImageHDU) and "ZNAXIS1" in header:
+        return tuple(int(header[f"ZNAXIS{i}"]) for i in (3, 2, 1))
+    return tuple(int(header[f"NAXIS{i}"]) for i in (3, 2, 1))
+
+
+def _as_slice(key, n: int):
+    """(slice to read, index into what was read or None, whether to drop the axis)."""
+    if isinstance(key, int | np.integer):
+        k = int(key) % n
+        return slice(k, k + 1), None, True
+    if isinstance(key, slice):
+        return key, None, False
+    idx = np.asarray(key, dtype=np.int64) % n
+    if idx.size == 0:
+        return slice(0, 0), None, False
+    lo, hi = int(idx.min()), int(idx.max()) + 1
+    return slice(lo, hi), idx - lo, False
+
+
+class _CubeSource:
+    """Reads sections of a cube's data (+ noise, mask) HDUs and converts them as
+    :func:`open_cube` does for the whole cube (masks, noise kind and units, bad voxels,
+    f_nu factors, wavelength order), so that only the sections asked for are in memory.
+
+    Picklable (the file is re-opened where it is used, e.g. on a dask worker).
+    """
+
+    def __init__(self, path, data: int, noise: int | None, kind: str | None, mask: int | None,
+                 shape, noise_scale: float, factors, sigma_channel=None):
+        self.path = str(path)
+        self.data, self.noise, self.kind, self.mask = data, noise, kind, mask
+        self.shape = tuple(shape)
+        self.noise_scale = float(noise_scale)
+        self.factors = factors
+        self.sigma_channel = sigma_channel
+        self.reverse = False
+        self._hdul = None
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_hdul"] = None
+        return state
+
+    def _open(self):
+        if self._hdul is None:
+            self._hdul = fits.open(self.path, memmap=True, lazy_load_hdus=True)
+        return self._hdul
+
+    def close(self) -> None:
+        if self._hdul is not None:
+            self._hdul.close()
+            self._hdul = None
+
+    def _section(self, index: int, wave_idx, ys, xs) -> np.ndarray:
+        hdu = self._open()[index]
+        lo, hi = int(wave_idx.min()), int(wave_idx.max()) + 1
+        contiguous = hi - lo == wave_idx.size and np.all(np.diff(wave_idx) == 1)
+        if contiguous:
+            block = hdu.section[lo:hi, ys, xs]
+        else:
+            block = np.stack([hdu.section[int(i), ys, xs] for i in wave_idx]) \
+                if wave_idx.size < 0.5 * (hi - lo) else hdu.section[lo:hi, ys, xs][wave_idx - lo]
+        return np.asarray(block, dtype=np.float64)
+
+    def read(self, key, which: str) -> np.ndarray:
+        """Section ``key`` (outer indexing on (wave, y, x), increasing wavelength)."""
+        n_wave, ny, nx = self.shape
+        wave_idx = np.arange(n_wave)[key[0]]
+        drop_w = np.ndim(wave_idx) == 0
+        wave_idx = np.atleast_1d(wave_idx)
+        ys, ysub, drop_y = _as_slice(key[1], ny)
+        xs, xsub, drop_x = _as_slice(key[2], nx)
+        shape_out = (wave_idx.size, len(range(*ys.indices(ny))), len(range(*xs.indices(nx))))
+        if wave_idx.size == 0 or 0 in shape_out:
+            out = np.zeros(shape_out)
+        else:
+            file_idx = n_wave - 1 - wave_idx if self.reverse else wave_idx
+            order = np.argsort(file_idx, kind="stable")
+            sorted_idx = file_idx[order]
+            flux = self._section(self.data, sorted_idx, ys, xs)
+            if self.mask is not None:
+                mhdu = self._open()[self.mask]
+                if mhdu.header.get("NAXIS", 0) == 3:
+                    mvals = np.asarray(self._section(self.mask, sorted_idx, ys, xs))
+                else:
+                    mvals = np.asarray(mhdu.section[ys, xs], dtype=np.float64)[None]
+                name = mhdu.name.strip().upper()
+                bad = mvals == 0 if name.endswith("FIELDMAP") else mvals != 0
+                flux[np.broadcast_to(bad, flux.shape)] = np.nan
+            if self.noise is None:
+                noise = np.broadcast_to(self.sigma_channel[sorted_idx][:, None, None],
+                                        flux.shape).copy()
+            else:
+                noise = _noise_to_sigma(self._section(self.noise, sorted_idx, ys, xs),
+                                        self.kind)
+                noise *= self.noise_scale
+            bad = ~np.isfinite(flux) | ~np.isfinite(noise) | (noise <= 0)
+            flux[bad] = np.nan
+            noise[bad] = np.nan
+            if self.factors is not None:
+                flux *= self.factors[sorted_idx][:, None, None]
+                noise *= self.factors[sorted_idx][:, None, None]
+            out = flux if which == "flux" else noise
+            inverse = np.empty_like(order)
+            inverse[order] = np.arange(order.size)
+            out = out[inverse]
+        if ysub is not None:
+            out = out[:, ysub]
+        if xsub is not None:
+            out = out[:, :, xsub]
+        index = tuple(0 if drop else slice(None) for drop in (drop_w, drop_y, drop_x))
+        return out[index]
+
+
+class _LazyCubeArray(xr.backends.BackendArray):
+    """xarray view of one variable of a :class:`_CubeSource` (outer indexing, read on demand)."""
+
+    def __init__(self, source: _CubeSource, which: str):
+        self.source = source
+        self.which = which
+        self.shape = source.shape
+        self.dtype = np.dtype(np.float64)
+
+    def __getitem__(self, key):
+        return indexing.explicit_indexing_adapter(
+            key, self.shape, indexing.IndexingSupport.OUTER, self._raw)
+
+    def _raw(self, key):
+        return self.source.read(key, self.which)
+
+
+def _estimate_noise_chunked(source: _CubeSource, smooth_channels: int = 5) -> np.ndarray:
+    """:func:`estimate_noise` (the same numbers) from blocks of channels of the file."""
+    n_wave, ny, nx = source.shape
+    block = max(8, int(2**24 // max(ny * nx, 1)))
+    sigma = np.full(n_wave, np.nan)
+    key_all = (slice(None), slice(None))
+    for c0 in range(2, max(n_wave - 2, 2), block):
+        c1 = min(n_wave - 2, c0 + block)
+        flux = source.read((np.arange(c0 - 2, c1 + 2),) + key_all, "flux").reshape(
+            c1 - c0 + 4, -1)
+        second = 2.0 * flux[2:-2] - flux[:-4] - flux[4:]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            centre = np.nanmedian(second, axis=1, keepdims=True)
+            sigma[c0:c1] = 1.482602 * np.nanmedian(np.abs(second - centre), axis=1) / np.sqrt(6)
+    good = np.isfinite(sigma) & (sigma > 0)
+    if not good.any():
+        return np.full(n_wave, np.nan)
+    index = np.arange(n_wave)
+    sigma = np.interp(index, index[good], sigma[good])
+    return median_filter(sigma, size=max(1, int(smooth_channels)), mode="nearest")
+
+
+def _lazy_source(path, hdul, layout: _Layout, shape, flux_unit, noise_kind, factors):
+    """The section reader of a cube, its noise HDU name, kind, attrs and estimate method."""
+    if layout.mask is not None:
+        mask_hdu = hdul[layout.mask]
+        mshape = tuple(int(mask_hdu.header.get(f"NAXIS{i}", 0))
+                       for i in range(int(mask_hdu.header.get("NAXIS", 0)), 0, -1))
+        if mshape != tuple(shape) and mshape != tuple(shape[1:]):
+            raise _input_error(path, _hdu_name(hdul, layout.mask), "NAXIS",
+                               f"mask shape {mshape} does not match the cube {tuple(shape)}",
+                               "give a mask of the cube's shape")
+    if layout.noise is None:
+        source = _CubeSource(path, layout.data, None, None, layout.mask, shape, 1.0, factors,
+                             sigma_channel=np.ones(shape[0]))
+        source.sigma_channel = _estimate_noise_chunked(source)
+        method = ("estimated per channel: 1.4826*MAD over spaxels of "
+                  "(2f_i - f_(i-2) - f_(i+2))/sqrt(6), running median over 5 channels "
+                  "(DER_SNR, Stoehr et al. 2008)")
+        return source, "", "none", {}, method
+    noise_hdu = hdul[layout.noise]
+    noise_name = _hdu_name(hdul, layout.noise)
+    kind = noise_kind or layout.noise_kind
+    if not _is_cube(noise_hdu) or _hdu_shape(noise_hdu) != tuple(shape):
+        found = _hdu_shape(noise_hdu) if _is_cube(noise_hdu) else None
+        raise _input_error(path, noise_name, "NAXIS", f"noise shape {found} differs from "
+                           f"the data shape {tuple(shape)}", "give a noise cube of the same shape")
+    scale = _noise_unit_scale(noise_hdu.header, flux_unit, kind)
+    source = _CubeSource(path, layout.data, layout.noise, kind, layout.mask, shape, scale,
+                         factors)
+    attrs = {"units_original": str(noise_hdu.header.get("BUNIT", "") or "")}
+    return source, noise_name, kind, attrs, ""
