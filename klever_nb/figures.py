@@ -120,3 +120,21 @@ def gradient_figure(metallicity: xr.Dataset, profile: xr.Dataset, summary: Mappi
         fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+# The paper's sample figures (K20 Figs 4-11), one function each (issue 16).
+from klever_nb.sample_figures import (  # noqa: E402
+    fig4_mu_spread,
+    fig5_bpt,
+    fig6_sfr_mass_mzr,
+    fig7_galaxy,
+    fig8_gradient_vs_redshift,
+    fig9_gradient_vs_ssfr_mass,
+    fig10_gradient_vs_dsfms,
+    fig11_maps_residuals,
+    write_figures,
+)
+
+__all__ = ["gradient_figure", "fig4_mu_spread", "fig5_bpt", "fig6_sfr_mass_mzr", "fig7_galaxy",
+           "fig8_gradient_vs_redshift", "fig9_gradient_vs_ssfr_mass", "fig10_gradient_vs_dsfms",
+           "fig11_maps_residuals", "write_figures"]
