@@ -503,6 +503,70 @@ fig = explorer.static_figure()
 
 
 # ---------------------------------------------------------------------------
+# 05: the paper's sample figures
+# ---------------------------------------------------------------------------
+SAMPLE_FIGURES = [
+    md("""
+# 05 — The paper's sample figures (K20 Figs 4–11)
+
+The KLEVER rows that the paper prints (Tables 2–4, 6 galaxies, transcribed into the package
+data) and the literature compilation shipped with klever_nb (Wuyts+16, Carton+18 and the
+digitised gradient-vs-redshift sets) go through `klever_nb.sample`: Speagle+14 SFMS and
+ΔSFMS, the local MZR, and the robust (Huber) regressions of gradient against sSFR, M* and
+ΔSFMS with bootstrap errors and Spearman ρ. Set `RESULTS` to the `--out` folder of
+`klever-nb sample` to add your own galaxies (red stars) to every figure and to draw their
+Fig. 7 and Fig. 11 panels. Static matplotlib figures (no linked brushing yet).
+"""),
+    code("""
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+
+from klever_nb import figures, sample, sample_figures
+from klever_nb.sample_run import read_sample_table
+
+RESULTS = None  # e.g. Path("demo_output/products") after klever-nb sample
+run = read_sample_table(RESULTS) if RESULTS is not None else None
+k20 = sample.derive(sample.k20_table())
+k20[["name", "redshift", "log_mstar", "log_sfr", "log_ssfr", "delta_sfms", "mzr_offset",
+     "gradient_dex_per_kpc", "gradient_err"]].round(3)
+"""),
+    md("""
+## Fig. 9 and Fig. 10: the correlations, and the paper's numbers
+
+K20 §4.4: slope 0.013 ± 0.004 dex/kpc per dex of sSFR (ρ = 0.29), −0.013 ± 0.005 per dex of
+M* (ρ = −0.25), ρ = 0.20 against ΔSFMS.
+"""),
+    code("""
+cs = sample_figures.correlation_inputs(run)
+corr = sample.correlations(cs, n_boot=100)
+for key, r in corr.items():
+    print(f"{key:10s} slope {r.slope:+.4f} ± {r.slope_err:.4f}  rho {r.spearman_rho:+.2f} "
+          f"(p = {r.spearman_p:.1g})  rms {r.rms:.3f}  N = {r.n}")
+fig9 = figures.fig9_gradient_vs_ssfr_mass(run, correlations=corr)
+fig10 = figures.fig10_gradient_vs_dsfms(run, correlations=corr)
+"""),
+    md("## Fig. 6 (SFR–M* and MZR), Fig. 8 (gradient vs redshift), Fig. 4 (μ systematics)"),
+    code("""
+fig6 = figures.fig6_sfr_mass_mzr(run)
+fig8 = figures.fig8_gradient_vs_redshift(run)
+fig4 = figures.fig4_mu_spread(run)
+"""),
+    md("## Per-galaxy panels (Figs 5, 7, 11) — only with a results folder"),
+    code("""
+if RESULTS is not None:
+    done = run[run["status"].isin(["done", "resumed"])]
+    figures.fig5_bpt(sample_figures.bpt_ratios(RESULTS, done["name"]))
+    for name in done["name"][:3]:
+        figures.fig7_galaxy(Path(RESULTS) / name)
+        figures.fig11_maps_residuals(Path(RESULTS) / name)
+else:
+    print("set RESULTS to a klever-nb sample folder to draw Figs 5, 7 and 11")
+"""),
+]
+
+
+# ---------------------------------------------------------------------------
 # Voila explorer
 # ---------------------------------------------------------------------------
 EXPLORER = [
@@ -529,6 +593,7 @@ NOTEBOOKS = {
     "02_lens_reconstruction.ipynb": LENS,
     "03_metallicity_mcmc.ipynb": METALLICITY,
     "04_gradients_and_2d_maps.ipynb": GRADIENTS,
+    "05_sample_figures.ipynb": SAMPLE_FIGURES,
     "explorer.ipynb": EXPLORER,
 }
 

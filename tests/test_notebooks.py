@@ -63,6 +63,12 @@ CASES = {
         "assert explorer.centre_kpc[0] == 0.0\n"
         "print('ok-check')",
     ),
+    "05_sample_figures.ipynb": (
+        ("klever_nb.sample", "sklearn"),
+        set(),
+        "assert abs(corr['log_mstar'].slope - (-0.013)) < 0.005\n"
+        "print('ok-check')",
+    ),
     "explorer.ipynb": (
         ("klever_nb.fitting", "klever_nb.spectra"),
         {"FigureModel", "ImageModel", "LinesModel", "ScatterModel", "FloatSliderModel"},
