@@ -102,6 +102,24 @@ def _add_figures(sub) -> None:
                    help="do not draw the paper's tabulated galaxies beside the run's")
 
 
+def _add_combine(sub) -> None:
+    p = sub.add_parser("combine", help="align and combine per-exposure KMOS/SINFONI cubes",
+                       description="Align per-exposure cubes on the reference star observed "
+                       "on the same KMOS detector (header WCS without --reference-ifu) and "
+                       "combine them by a sigma-clipped mean (K20 2.2); writes one cube "
+                       "(DATA, NOISE, COVERAGE, EXPOSURES) with the provenance in its header.")
+    p.add_argument("exposures", type=Path, nargs="+", help="per-exposure FITS files")
+    p.add_argument("--ifu", type=int, default=None,
+                   help="science IFU number (KMOS IFU.<n>.DATA); omit for SINFONI cubes")
+    p.add_argument("--reference-ifu", type=int, default=None,
+                   help="IFU of the reference star on the same detector")
+    p.add_argument("--clip-sigma", type=float, default=3.0,
+                   help="sigma-clipping threshold (default 3, as K20)")
+    p.add_argument("--pixel-scale", type=float, default=None,
+                   help="output pixel scale in arcsec (K20: 0.1; default: the input's)")
+    p.add_argument("--out", type=Path, required=True, help="output cube (FITS)")
+
+
 def _add_lab(sub) -> None:
     sub.add_parser("lab", help="open the notebooks in JupyterLab",
                    description="Start JupyterLab in the notebooks folder of this checkout.")
@@ -116,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"klever_nb {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_demo, _add_mock, _add_run, _add_fit, _add_sample, _add_figures,
-                _add_lab):
+                _add_combine, _add_lab):
         add(sub)
     return parser
 
@@ -191,6 +209,34 @@ def _cmd_figures(args) -> int:
     return 0
 
 
+def _cmd_combine(args) -> int:
+    from klever_nb.errors import ConfigError
+    from klever_nb.io.combine import combine_exposures, write_combined_cube
+
+    if args.out.suffix.lower() not in (".fits", ".fit", ".fts"):
+        raise ConfigError(f"--out {args.out}: give a .fits file name")
+    if args.out.is_dir():
+        raise ConfigError(f"--out {args.out}: is a folder; give the output cube's file name")
+    cube = combine_exposures(args.exposures, ifu=args.ifu, reference_ifu=args.reference_ifu,
+                             clip_sigma=args.clip_sigma, pixel_scale=args.pixel_scale)
+    path = write_combined_cube(cube, args.out)
+    print(f"alignment: {cube.attrs['alignment']}; {cube.attrs['n_exposures']} of "
+          f"{cube.sizes['exposure']} exposures combined")
+    print(f"{'exposure':40s} {'status':8s} {'dx':>8s} {'dy':>8s} {'err_x':>7s} {'err_y':>7s} "
+          f"{'clipped':>7s}   (shifts in arcsec along the pixel axes)")
+    for i in range(cube.sizes["exposure"]):
+        values = [float(cube[v].values[i]) for v in ("shift_x", "shift_y", "shift_x_err",
+                                                      "shift_y_err")]
+        line = (f"{Path(str(cube['file'].values[i])).name:40s} {cube['status'].values[i]:8s} "
+                + " ".join(f"{v:8.4f}" if k < 2 else f"{v:7.4f}" for k, v in enumerate(values))
+                + f" {int(cube['n_clipped'].values[i]):7d}")
+        if cube["reason"].values[i]:
+            line += f"  ({cube['reason'].values[i]})"
+        print(line)
+    print(f"combined cube: {path}")
+    return 0
+
+
 def _cmd_lab(args) -> int:
     notebooks = Path(__file__).resolve().parents[1] / "notebooks"
     if not notebooks.is_dir():
@@ -200,7 +246,8 @@ def _cmd_lab(args) -> int:
 
 
 COMMANDS = {"demo": _cmd_demo, "mock": _cmd_mock, "run": _cmd_run, "fit": _cmd_fit,
-            "sample": _cmd_sample, "figures": _cmd_figures, "lab": _cmd_lab}
+            "sample": _cmd_sample, "figures": _cmd_figures, "combine": _cmd_combine,
+            "lab": _cmd_lab}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,3 +33,7 @@ except ImportError:  # pragma: no cover - during development only
 from klever_nb.io.images import open_image, open_lens_maps  # noqa: E402
 
 __all__ += ["open_image", "open_lens_maps"]
+
+from klever_nb.io.combine import combine_exposures  # noqa: E402
+
+__all__ += ["combine_exposures"]
