@@ -221,6 +221,28 @@ fig.tight_layout()
 """),
     md("""
 The same fit from the command line: `klever-nb fit CUBE.fits --redshift 1.4 --out DIR`.
+
+## 4. From exposures to a cube (K20 §2.2)
+
+Per-exposure KMOS files (`IFU.<n>.DATA/NOISE`) are aligned on the star observed by one IFU of
+the same detector and combined by a 3σ-clipped mean. Here: six mock exposures with known
+offsets; the table compares the measured shifts with the truth, the map shows how many
+exposures feed each spaxel. Command line: `klever-nb combine EXP.fits... --ifu 7
+--reference-ifu 3 --out CUBE.fits`.
+"""),
+    code("""
+from klever_nb.io import combine_exposures
+from klever_nb.io.combine import write_mock_exposures
+
+exposures = write_mock_exposures(fits_dir / "exposures", n_exposures=6, seed=1)
+combined = combine_exposures(exposures["paths"], ifu=7, reference_ifu=3)
+for i in range(combined.sizes["exposure"]):
+    print(f"exposure {i}: shift ({float(combined.shift_x[i]):+.3f}, "
+          f"{float(combined.shift_y[i]):+.3f})\\" ± {float(combined.shift_x_err[i]):.4f}; "
+          f"true ({exposures['true_shift'][i, 0]:+.3f}, {exposures['true_shift'][i, 1]:+.3f})")
+fig, ax = plt.subplots(figsize=(4, 3.6))
+combined["coverage"].plot.imshow(ax=ax, origin="lower", cmap="viridis")
+ax.set_title("exposures per spaxel")
 """),
 ]
 
