@@ -12,8 +12,11 @@ Products in ``OUT/<name>/`` (DESIGN.md "Products"): ``cubes_aligned.nc``,
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -157,10 +160,34 @@ def _run_stage(products: Path, stage: str, stage_hash: str, force: bool, *,
         except _UNREADABLE:
             pass  # an unreadable record or product is recomputed
     result = compute()
-    write(result)
-    write_json({"input_hash": stage_hash, "klever_nb_version": __version__,
-                "summary": dict(result.summary)}, record_path)
+    with _writing(products):
+        write(result)
+        write_json({"input_hash": stage_hash, "klever_nb_version": __version__,
+                    "summary": dict(result.summary)}, record_path)
     return StageResult(result.data, MappingProxyType(dict(result.summary)))
+
+
+@contextlib.contextmanager
+def _writing(products: Path):
+    """Turn a failed product write (read-only folder, disk full, quota) into one line.
+
+    The atomic writes leave no partial file behind, so the folder holds only complete
+    products and the run can be repeated once the cause is fixed (issue 18).
+    """
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in _WRITE_ERRNOS:
+            raise
+        reason = os.strerror(err.errno) if err.errno else str(err)
+        raise KleverError(f"{products}: cannot write the products ({reason}); free space or "
+                          "choose a writable --out folder, then rerun (finished stages are "
+                          "kept)") from None
+
+
+#: errno values of a product write that are the user's to fix (not a bug).
+_WRITE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT,
+                 errno.ENOTDIR, errno.EEXIST, errno.EFBIG}
 
 
 def _write_dataset(ds: xr.Dataset, path: Path, stage_hash: str) -> None:
@@ -204,7 +231,8 @@ def run_galaxy(config_path: str | Path, out_dir: str | Path, *, force: bool = Fa
     lens, alternatives = (read_lens(cfg, cube_wcs, cube_shape) if cfg.lensed else (None, []))
 
     products = Path(out_dir) / cfg.name
-    products.mkdir(parents=True, exist_ok=True)
+    with _writing(products):
+        products.mkdir(parents=True, exist_ok=True)
     base_hash = _hash(_config_hash(cfg), asdict(settings))
     stages = ["line fitting", "source plane", "metallicity", "gradient"]
     bar = tqdm(total=len(stages), desc=cfg.name, disable=(None if progress is None
@@ -251,10 +279,41 @@ def run_galaxy(config_path: str | Path, out_dir: str | Path, *, force: bool = Fa
                                "config_path": str(cfg.path)}
     for result in (fit, lensed, metal, gradient):
         summary.update(result.summary)
+    summary.update(_band_detection_flags(fit.data, cfg))
     summary["properties"] = cfg.properties
     summary["settings"] = asdict(settings)
     summary["versions"] = _versions()
-    return write_json(summary, products / "summary.json")
+    with _writing(products):
+        return write_json(summary, products / "summary.json")
+
+
+def _band_detection_flags(maps: xr.Dataset | None, cfg: GalaxyConfig) -> dict[str, Any]:
+    """Bands with usable spaxels in which no line is detected: a flag and a warning (issue 18).
+
+    A band counts as empty when none of its lines is detected in the pseudo-fibre spectrum
+    nor in any spaxel; its maps stay in the products (NaN where nothing was fitted), the
+    summary lists it under ``bands_without_detection`` with a message, and a warning is
+    raised on every run (also when the stage came from the cache).
+    """
+    import warnings
+
+    if maps is None or "band" not in maps.coords or "line" not in maps.dims:
+        return {}
+    empty = []
+    for band in dict.fromkeys(str(b) for b in maps["band"].values):
+        lines = maps["line"].values[maps["band"].values == band]
+        sub = maps.sel(line=lines)
+        fibre = bool(sub["integrated_detected"].any()) if "integrated_detected" in sub else False
+        spaxels = bool(sub["detected"].any()) if "detected" in sub else False
+        if not (fibre or spaxels):
+            empty.append(band)
+    if not empty:
+        return {"bands_without_detection": []}
+    message = (f"{cfg.name}: no emission line detected in band(s) {', '.join(empty)} "
+               f"(pseudo-fibre and every spaxel below SNR {cfg.analysis.detection_snr}); "
+               "their lines are upper limits only")
+    warnings.warn(message, UserWarning, stacklevel=2)
+    return {"bands_without_detection": empty, "bands_without_detection_message": message}
 
 
 def _aligned_cubes(tree: xr.DataTree, shifts: dict[str, list[float]]) -> xr.DataTree:

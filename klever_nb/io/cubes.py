@@ -428,6 +428,12 @@ def _wave_from_header(path, hdul, hdu_name, header,
     if not ctype:
         raise _input_error(path, hdu_name, "CTYPE3", "no spectral axis (CTYPE3 missing)",
                            "add CTYPE3 = 'WAVE' (vacuum) or 'AWAV' (air) with CRVAL3/CDELT3/CUNIT3")
+    for key in ("CRVAL3", "CRPIX3", "CDELT3", "CD3_3", "PC3_3"):  # issue 18: no bare ValueError
+        value = header.get(key, 0.0)
+        if isinstance(value, bool) or not isinstance(value, int | float) or \
+                not np.isfinite(value):
+            raise _input_error(path, hdu_name, key, f"{key} = {value!r} is not a number",
+                               "fix the spectral WCS keywords")
     code, _, algorithm = ctype.partition("-")
     algorithm = algorithm.strip("-")
     if code in _CTYPE_MEDIUM and algorithm in ("", "LOG"):
@@ -555,6 +561,37 @@ def _fnu_to_flambda(unit: u.UnitBase, wave_um: np.ndarray):
 # ---------------------------------------------------------------------------
 # Noise and masks
 # ---------------------------------------------------------------------------
+def _nothing_usable(path, hdul, layout: _Layout, data_name: str, noise_name: str,
+                    mask_name: str) -> InputError:
+    """The one-line error of a cube in which no voxel has finite flux and noise > 0 (issue 18)."""
+    flux = np.asarray(hdul[layout.data].data, dtype=np.float64)
+    if not np.isfinite(flux).any():
+        return _input_error(path, data_name, None, "no usable spaxel: the flux is NaN or "
+                            "infinite in every voxel", "give a cube with data")
+    if mask_name:
+        values = np.asarray(hdul[layout.mask].data)
+        covers = (values == 0) if mask_name.endswith("FIELDMAP") else (values != 0)
+        if covers.all():
+            return _input_error(path, mask_name, None, "no usable spaxel: the mask flags "
+                                "every voxel", "check the mask (or drop the extension)")
+    if not noise_name:
+        return _input_error(path, data_name, None, "no usable spaxel: the noise cannot be "
+                            "estimated from the data (constant or too few channels)",
+                            "add a NOISE extension")
+    noise = np.asarray(hdul[layout.noise].data, dtype=np.float64)
+    finite = np.isfinite(noise)
+    if not finite.any():
+        reason = "the noise is NaN or infinite in every voxel"
+    elif np.all(noise[finite] == 0):
+        reason = "the noise is zero in every voxel"
+    elif np.all(noise[finite] <= 0):
+        reason = "the noise is zero or negative in every voxel"
+    else:
+        reason = "no voxel has both a finite flux and a finite positive noise"
+    return _input_error(path, noise_name, None, f"no usable spaxel: {reason}",
+                        "check the noise extension (1 sigma, variance or inverse variance > 0)")
+
+
 def _noise_to_sigma(values: np.ndarray, kind: str) -> np.ndarray:
     good = np.isfinite(values) & (values > 0)
     out = np.full(values.shape, np.nan)
@@ -878,6 +915,8 @@ def _build_cube(path, hdul, layout: _Layout, *, noise_kind, wavelength_medium, b
         noise, noise_name, kind, noise_attrs, noise_method = _read_noise(
             path, hdul, layout, flux, flux_unit, noise_kind)
         bad = ~np.isfinite(flux) | ~np.isfinite(noise) | (noise <= 0)
+        if bad.all():  # nothing usable is not a success (issue 18)
+            raise _nothing_usable(path, hdul, layout, data_name, noise_name, mask_name)
         flux[bad] = np.nan
         noise[bad] = np.nan
 
