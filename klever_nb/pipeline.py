@@ -49,14 +49,23 @@ def _hash(*parts: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _config_hash(cfg: GalaxyConfig) -> str:
+def galaxy_input_files(cfg: GalaxyConfig) -> list[Path]:
+    """Every file a galaxy's products depend on: its TOML, cubes and lens maps."""
     files = [cfg.path, *cfg.cubes.values()]
     if cfg.lens is not None:
         files += [p for p in (cfg.lens.deflection_x, cfg.lens.deflection_y, cfg.lens.kappa,
                               cfg.lens.gamma, cfg.lens.hst_image) if p is not None]
         for folder in cfg.lens.models:
             files += sorted(folder.glob("*.fits"))
-    return _hash(__version__, [(str(p), _file_fingerprint(p)) for p in files])
+    return files
+
+
+def galaxy_hash(cfg: GalaxyConfig) -> str:
+    """Content hash of a galaxy: package version, analysis settings (with the method) and the
+    SHA-256 of every input file. Stage hashes derive from it; ``klever-nb sample`` uses it
+    as the resume marker."""
+    return _hash(__version__, asdict(cfg.analysis),
+                 [(str(p), _file_fingerprint(p)) for p in galaxy_input_files(cfg)])
 
 
 def _versions() -> dict[str, str]:
@@ -233,7 +242,7 @@ def run_galaxy(config_path: str | Path, out_dir: str | Path, *, force: bool = Fa
     products = Path(out_dir) / cfg.name
     with _writing(products):
         products.mkdir(parents=True, exist_ok=True)
-    base_hash = _hash(_config_hash(cfg), asdict(settings))
+    base_hash = galaxy_hash(cfg)
     stages = ["line fitting", "source plane", "metallicity", "gradient"]
     bar = tqdm(total=len(stages), desc=cfg.name, disable=(None if progress is None
                                                           else not progress), leave=False)

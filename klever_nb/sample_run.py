@@ -20,12 +20,11 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 import traceback
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -136,31 +135,14 @@ def validate_sample(sample_path: str | Path) -> tuple[list[GalaxyConfig], list[d
 # ---------------------------------------------------------------------------
 # Resume: content hash and done-marker
 # ---------------------------------------------------------------------------
-def _input_files(cfg: GalaxyConfig) -> list[Path]:
-    files = [cfg.path, *cfg.cubes.values()]
-    if cfg.lens is not None:
-        files += [p for p in (cfg.lens.deflection_x, cfg.lens.deflection_y, cfg.lens.kappa,
-                              cfg.lens.gamma, cfg.lens.hst_image) if p is not None]
-        for folder in cfg.lens.models:
-            files += sorted(folder.glob("*.fits"))
-    return files
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def galaxy_hash(cfg: GalaxyConfig, method: str | None = None) -> str:
-    """Content hash of a galaxy's inputs: every input file's SHA-256 (the TOML, cubes, lens
-    maps), its analysis settings (with a ``method`` override), and the package version."""
-    parts = [__version__, asdict(cfg.analysis), method,
-             [(str(p), _sha256(p)) for p in _input_files(cfg)]]
-    text = json.dumps(parts, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    """Content hash of a galaxy's inputs, settings (with a ``method`` override) and the package
+    version: :func:`klever_nb.pipeline.galaxy_hash` of the configuration ``run`` will use."""
+    from klever_nb import pipeline
+
+    if method is not None:
+        cfg = replace(cfg, analysis=replace(cfg.analysis, method=method))
+    return pipeline.galaxy_hash(cfg)
 
 
 def marker_path(out_dir: str | Path, name: str) -> Path:

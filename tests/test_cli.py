@@ -13,7 +13,7 @@ from astropy.io import fits
 
 from klever_nb.cli import build_parser, main
 
-COMMANDS = ["demo", "mock", "run", "fit", "sample", "lab"]
+COMMANDS = ["demo", "mock", "run", "fit", "combine", "sample", "figures", "lab"]
 
 
 @pytest.mark.parametrize("command", [[], *[[c] for c in COMMANDS]])

@@ -165,10 +165,9 @@ def test_killed_midway_then_rerun_does_not_recompute_finished_galaxies(inputs, t
     first_marker = out / "tiny0" / sample_run.DONE_MARKER
     deadline = time.monotonic() + 90
     while not first_marker.exists() and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.1)
+        time.sleep(0.02)
     assert first_marker.exists(), proc.communicate()[1].decode()[-2000:]
-    time.sleep(1.0)  # the second galaxy is half-way through its stages
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGTERM)  # at once: the second galaxy has just started
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode != 0, "the run finished before the signal; make the mocks larger"
     assert not (out / "tiny2" / sample_run.DONE_MARKER).exists()
