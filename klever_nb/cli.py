@@ -70,6 +70,11 @@ def _add_fit(sub) -> None:
     p.add_argument("--smooth-fwhm", type=float, default=0.0,
                    help="spatial Gaussian smoothing FWHM in arcsec (default 0)")
     p.add_argument("--ifu", type=int, default=None, help="IFU number of a KMOS per-exposure file")
+    p.add_argument("--scheduler", default=None,
+                   help="fit spatial chunks on dask: 'local' (a local cluster) or a scheduler "
+                   "address (default: in this process; the maps are the same)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="workers of --scheduler local (default 2)")
 
 
 def _add_sample(sub) -> None:
@@ -172,11 +177,24 @@ def _cmd_fit(args) -> int:
     from klever_nb import pipeline
 
     lines = tuple(s.strip() for s in args.lines.split(",")) if args.lines else None
-    out = pipeline.fit_single_cube(
-        args.cube, redshift=args.redshift, out_dir=args.out, lines=lines,
-        noise_kind=args.noise_kind, wavelength_medium=args.wavelength_medium,
-        resolving_power=args.resolving_power, smooth_fwhm_arcsec=args.smooth_fwhm,
-        ifu=args.ifu)
+    if args.workers is not None and args.scheduler != "local":
+        raise KleverError("--workers needs --scheduler local")
+
+    def fit(mapper=None):
+        return pipeline.fit_single_cube(
+            args.cube, redshift=args.redshift, out_dir=args.out, lines=lines,
+            noise_kind=args.noise_kind, wavelength_medium=args.wavelength_medium,
+            resolving_power=args.resolving_power, smooth_fwhm_arcsec=args.smooth_fwhm,
+            ifu=args.ifu, mapper=mapper)
+
+    if args.scheduler is None:
+        out = fit()
+    else:
+        from klever_nb.fitting.parallel import dask_mapper
+
+        with dask_mapper(args.scheduler, workers=args.workers,
+                         progress=sys.stderr.isatty()) as mapper:
+            out = fit(mapper)
     print(f"line maps: {out / 'line_maps.nc'}")
     print(f"summary:   {out / 'summary.json'}")
     return 0

@@ -725,7 +725,8 @@ def fit_single_cube(cube_path: str | Path, *, redshift: float, out_dir: str | Pa
                     wavelength_medium: str | None = None, resolving_power: float | None = None,
                     smooth_fwhm_arcsec: float = 0.0, ifu: int | None = None,
                     settings=None,
-                    fibre_radius_arcsec: float = constants.FIBRE_RADIUS_ARCSEC) -> Path:
+                    fibre_radius_arcsec: float = constants.FIBRE_RADIUS_ARCSEC,
+                    mapper=None) -> Path:
     """Fit the emission lines of any one IFU cube; write ``OUT/<stem>/line_maps.nc`` + summary.
 
     The band goes through :func:`klever_nb.fitting.fit_band`, the same function
@@ -733,6 +734,10 @@ def fit_single_cube(cube_path: str | Path, *, redshift: float, out_dir: str | Pa
     ``redshift`` (give ``run``'s refined one), lines, smoothing and ``settings``
     (:class:`klever_nb.fitting.FitSettings`; ``resolving_power`` overrides its R)
     give the same maps, before ``run``'s band registration shift.
+
+    The cube is memory-mapped and read in chunks of spaxels (``open_cube(lazy=True)``);
+    ``mapper`` (:func:`klever_nb.fitting.parallel.dask_mapper`) fits the chunks on a dask
+    cluster, with the same maps. ``summary.json`` has ``timings_s`` per step.
 
     Returns the product folder.
     """
@@ -751,25 +756,34 @@ def fit_single_cube(cube_path: str | Path, *, redshift: float, out_dir: str | Pa
     settings = settings if settings is not None else fitting.FitSettings()
     if resolving_power is not None:
         settings = dataclasses.replace(settings, resolving_power=float(resolving_power))
+    import time
+
+    timings = {}
+    t0 = time.perf_counter()
     cube_path = Path(cube_path)
     cube = open_cube(cube_path, noise_kind=noise_kind, wavelength_medium=wavelength_medium,
-                     ifu=ifu)
+                     ifu=ifu, lazy=True)
+    timings["open"] = time.perf_counter() - t0
     wave = cube["wave"].values
     in_cube = constants.lines_in_range(float(wave.min()), float(wave.max()), redshift,
                                        tuple(lines) if lines else None)
     if not in_cube:
         raise InputError(f"{cube_path}: no line of {'--lines' if lines else 'the catalogue'} "
                          f"falls inside {wave.min():.4f}-{wave.max():.4f} um at z = {redshift}")
+    t0 = time.perf_counter()
     maps, integrated = fitting.fit_band(cube, redshift=redshift, settings=settings,
                                         lines=in_cube, smooth_fwhm_arcsec=smooth_fwhm_arcsec,
-                                        fibre_radius_arcsec=fibre_radius_arcsec)
+                                        fibre_radius_arcsec=fibre_radius_arcsec, mapper=mapper)
+    timings["fit"] = time.perf_counter() - t0
     for name in ("flux", "flux_err", "snr", "detected", "upper_limit"):
         if name in integrated:
             maps[f"integrated_{name}"] = integrated[name]
     maps.attrs["source_file"] = str(cube_path.resolve())
     maps.attrs["klever_nb_version"] = __version__
     products = Path(out_dir) / cube_path.stem
+    t0 = time.perf_counter()
     write_netcdf(maps, products / "line_maps.nc")
+    timings["write"] = time.perf_counter() - t0
     flux_units = maps["flux"].attrs.get("units", "")
     summary = {
         "cube": str(cube_path.resolve()), "redshift": redshift,
@@ -791,6 +805,7 @@ def fit_single_cube(cube_path: str | Path, *, redshift: float, out_dir: str | Pa
                              for k, v in settings.describe().items()}},
         "cube_attrs": {k: v for k, v in cube.attrs.items() if k != "wcs"},
         "versions": _versions(),
+        "timings_s": {k: round(v, 3) for k, v in timings.items()},
     }
     write_json(summary, products / "summary.json")
     return products

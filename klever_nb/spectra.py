@@ -151,10 +151,33 @@ def line_image(cube: xr.Dataset, *, redshift: float, lines=None) -> np.ndarray |
     r = float(r) if r is not None and np.isfinite(float(r)) else 3000.0
     on = _line_channels(wave, redshift, names, r)
     off = _line_channels(wave, redshift, names, r, half_width_kms=2500.0) & ~on
-    flux = cube.flux.transpose("wave", "y", "x").values
-    with np.errstate(invalid="ignore"):
-        cont = np.nanmedian(flux[off], axis=0) if off.any() else 0.0
-        return np.nansum(flux[on] - cont, axis=0)
+    both = np.flatnonzero(on | off)
+    on_sel, off_sel = on[both], off[both]
+    out = np.zeros((cube.sizes["y"], cube.sizes["x"]))
+    # only the line windows are read, in blocks of image rows (lazily read cubes stay on disk)
+    for ys in _row_blocks(cube, both.size):
+        flux = cube.flux.transpose("wave", "y", "x").isel(wave=both, y=ys).values
+        with np.errstate(invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            cont = np.nanmedian(flux[off_sel], axis=0) if off_sel.any() else 0.0
+            out[ys] = np.nansum(flux[on_sel] - cont, axis=0)
+    return out
+
+
+def _row_blocks(cube: xr.Dataset, n_channels: int, max_values: int = 2**21) -> list:
+    """Slices of image rows such that ``n_channels`` x rows x nx stays below ``max_values``."""
+    ny, nx = cube.sizes["y"], cube.sizes["x"]
+    rows = max(1, int(max_values // max(n_channels * nx, 1)))
+    return [slice(y0, min(y0 + rows, ny)) for y0 in range(0, ny, rows)]
+
+
+def _white_light(cube: xr.Dataset) -> np.ndarray:
+    """NaN-sum over wavelength, in blocks of image rows."""
+    out = np.zeros((cube.sizes["y"], cube.sizes["x"]))
+    for ys in _row_blocks(cube, cube.sizes["wave"]):
+        with np.errstate(invalid="ignore"):
+            out[ys] = np.nansum(cube.flux.transpose("wave", "y", "x").isel(y=ys).values, axis=0)
+    return out
 
 
 def emission_peak(cube: xr.Dataset, *, redshift: float, lines=None) -> tuple[float, float]:
@@ -170,8 +193,7 @@ def emission_peak(cube: xr.Dataset, *, redshift: float, lines=None) -> tuple[flo
     """
     image = line_image(cube, redshift=redshift, lines=lines)
     if image is None or not np.any(np.nan_to_num(image) > 0):
-        with np.errstate(invalid="ignore"):
-            image = np.nansum(cube.flux.transpose("wave", "y", "x").values, axis=0)
+        image = _white_light(cube)
     return _centroid(image)
 
 
@@ -240,11 +262,16 @@ def pseudo_fibre_spectrum(cube: xr.Dataset, *,
         if redshift is not None:
             centre = emission_peak(cube, redshift=redshift, lines=lines)
         else:
-            with np.errstate(invalid="ignore"):
-                centre = _centroid(np.nansum(cube.flux.values, axis=0))
+            centre = _centroid(_white_light(cube))
     centre = (float(centre[0]), float(centre[1]))
     shape = (cube.sizes["y"], cube.sizes["x"])
     weights = aperture_weights(shape, centre, radius_pix)
+    # only the aperture's bounding box is read (zero weight elsewhere: the same sums)
+    inside_y, inside_x = np.nonzero(weights)
+    if inside_y.size:
+        ys = slice(int(inside_y.min()), int(inside_y.max()) + 1)
+        xs = slice(int(inside_x.min()), int(inside_x.max()) + 1)
+        cube, weights = cube.isel(y=ys, x=xs), weights[ys, xs]
     valid = _valid(cube)
     flux = np.where(valid, cube.flux.values, 0.0)
     var = np.where(valid, cube.noise.values, 0.0) ** 2

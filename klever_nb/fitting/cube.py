@@ -181,7 +181,7 @@ _PER_LINE = ("flux", "flux_err", "velocity", "velocity_err", "sigma", "sigma_err
 
 def fit_cube(cube: xr.Dataset, *, redshift: float, settings: FitSettings | None = None,
              lines=None, fallback_kinematics: dict | None = None, return_model: bool = False,
-             chunk_size: int = 2048) -> xr.Dataset:
+             chunk_size: int = 2048, mapper=None) -> xr.Dataset:
     """Fit the emission lines of every spaxel of one band's cube at once.
 
     Parameters
@@ -206,7 +206,12 @@ def fit_cube(cube: xr.Dataset, *, redshift: float, settings: FitSettings | None 
     return_model : bool
         Add ``model`` (best-fit lines + continuum on the fitted channels, NaN elsewhere).
     chunk_size : int
-        Spaxels per batch (bounds the memory; does not change the numbers).
+        Spaxels per batch (bounds the memory; does not change the numbers). A cube read
+        with ``open_cube(lazy=True)`` is read one batch at a time.
+    mapper : callable, optional
+        ``mapper(fn, tasks) -> results`` runs the chunk tasks (default here, in order;
+        :func:`klever_nb.fitting.parallel.dask_mapper` on a dask cluster). The maps do
+        not depend on it nor on ``chunk_size``.
 
     Returns
     -------
@@ -272,14 +277,22 @@ def fit_cube(cube: xr.Dataset, *, redshift: float, settings: FitSettings | None 
     fallback = _global_fallback(model, settings, fallback_kinematics)
     skymask_full = fit_sky_mask(cube, settings)
     skymask = skymask_full[model.channels]
-    # only the fitted channels are read (a lazily loaded cube stays on disk otherwise)
+    # only the fitted channels are read; a lazily read cube (open_cube(lazy=True)) is read
+    # one chunk of spaxels at a time and stays on disk otherwise
     n_c = model.channels.size
-    flux = np.asarray(cube.flux.isel(wave=model.channels).values, dtype=float).reshape(n_c, -1).T
-    noise = np.asarray(cube.noise.isel(wave=model.channels).values,
-                       dtype=float).reshape(n_c, -1).T
+    n_sp = int(np.prod(shape))
     user_groups = tuple(fallback_kinematics or ())
-    result = _fit_all(model, flux, noise, skymask, settings, fallback, chunk_size, shape,
-                      user_groups)
+    if (cube.attrs.get("lazy") and tuple(spatial_dims) == ("y", "x")
+            and settings.monte_carlo == 0):
+        loader = CubeLoader(cube, model.channels)
+    else:
+        flux = np.asarray(cube.flux.isel(wave=model.channels).values,
+                          dtype=float).reshape(n_c, -1).T
+        noise = np.asarray(cube.noise.isel(wave=model.channels).values,
+                           dtype=float).reshape(n_c, -1).T
+        loader = ArrayLoader(flux, noise)
+    result = _fit_all(model, loader, n_sp, skymask, settings, fallback, chunk_size, shape,
+                      user_groups, mapper)
     if settings.monte_carlo > 0:
         result["flux_err_mc"] = _monte_carlo(model, result, noise, skymask, settings, fallback,
                                              chunk_size, shape, user_groups)
@@ -330,9 +343,17 @@ def continuum_image(cube: xr.Dataset, *, redshift: float, skymask=None,
     n_keep = int(keep.sum())
     flux_all = cube.flux.isel(wave=np.flatnonzero(keep))
     image = np.full(int(np.prod(shape)), np.nan)
-    if n_keep:
-        flat = np.asarray(flux_all.values, dtype=float).reshape(n_keep, -1)
-        step = max(1, 2**24 // max(n_keep, 1))  # bounded memory for very large cubes
+    blocks = [(None, slice(None))]
+    if len(shape) == 2 and spatial[0] in flux_all.dims:
+        # bounded memory for very large (lazily read) cubes: blocks of image rows
+        rows = max(1, int(2**21 // max(n_keep * shape[1], 1)))
+        blocks = [(spatial[0], slice(y0, min(y0 + rows, shape[0])))
+                  for y0 in range(0, shape[0], rows)]
+    for dim, sl in (blocks if n_keep else []):
+        part = flux_all.isel({dim: sl}) if dim else flux_all
+        flat = np.asarray(part.values, dtype=float).reshape(n_keep, -1)
+        offset = sl.start * shape[1] if dim else 0
+        step = max(1, 2**24 // max(n_keep, 1))
         for start in range(0, flat.shape[1], step):
             block = flat[:, start:start + step]
             # NaN-aware median by sorting (NaN sort last): much faster than np.nanmedian
@@ -341,7 +362,7 @@ def continuum_image(cube: xr.Dataset, *, redshift: float, skymask=None,
             lo = np.clip((n_ok - 1) // 2, 0, None)
             hi = np.clip(n_ok // 2, 0, None)
             cols = np.arange(block.shape[1])
-            image[start:start + step] = np.where(
+            image[offset + start:offset + start + block.shape[1]] = np.where(
                 n_ok > 0, 0.5 * (ordered[lo, cols] + ordered[hi, cols]), np.nan)
     da = xr.DataArray(image.reshape(shape), dims=spatial)
     da.attrs.update(units=cube.flux.attrs.get("units", ""),
@@ -350,19 +371,94 @@ def continuum_image(cube: xr.Dataset, *, redshift: float, skymask=None,
     return da
 
 
-def _fit_all(model: BandModel, flux, noise, skymask, settings, fallback, chunk_size,
-             shape=(), user_groups=()) -> dict:
+class ArrayLoader:
+    """Rows (spaxels) of in-memory ``(N, n_c)`` flux and noise arrays."""
+
+    def __init__(self, flux, noise):
+        self.flux, self.noise = flux, noise
+
+    def __call__(self, rows):
+        return self.flux[rows], self.noise[rows]
+
+
+class CubeLoader:
+    """Rows (spaxels, y-major) of a lazily read cube: each call reads the block of image
+    rows that holds them, on the fitted channels only (:func:`klever_nb.io.open_cube`
+    ``lazy=True``). Picklable: a dask worker reads its own chunk from the file."""
+
+    def __init__(self, cube: xr.Dataset, channels):
+        self.cube = cube.isel(wave=np.asarray(channels))[["flux", "noise"]]
+        self.nx = int(cube.sizes["x"])
+
+    def __call__(self, rows):
+        rows = np.asarray(rows)
+        y0, y1 = int(rows.min()) // self.nx, int(rows.max()) // self.nx + 1
+        block = self.cube.isel(y=slice(y0, y1))
+        local = rows - y0 * self.nx
+        n_c = block.sizes["wave"]
+        flux = np.asarray(block.flux.values, dtype=float).reshape(n_c, -1).T[local]
+        noise = np.asarray(block.noise.values, dtype=float).reshape(n_c, -1).T[local]
+        return flux, noise
+
+
+def serial_map(fn, tasks):
+    """The default mapper of :func:`_fit_all`: run the chunk tasks here, in order."""
+    return [fn(*task) for task in tasks]
+
+
+def _pass1_chunk(model, loader, rows, skymask, settings):
+    """Pass 1 on one chunk of spaxels: weights, validity, free fit of the valid ones."""
+    flux, noise = loader(rows)
+    good, w, yw = _weights(flux, noise, skymask)
+    n_par_max = max(m.shape[1] for m in model.full_maps)
+    valid = good.sum(axis=1) > n_par_max + model.n_theta
+    out = {"good": good, "valid": valid}
+    if valid.any():
+        res = _fit_free(model, yw[valid], w[valid], settings)
+        out.update(_flat_result(res))
+    return out
+
+
+def _pass2_chunk(model, loader, rows, theta0, frozen, skymask, settings):
+    flux, noise = loader(rows)
+    _, w, yw = _weights(flux, noise, skymask)
+    return _flat_result(_fit_fixed(model, theta0, yw, w, settings, frozen))
+
+
+def _ratio_chunk(model, loader, rows, theta, frozen, skymask):
+    flux, noise = loader(rows)
+    _, w, yw = _weights(flux, noise, skymask)
+    state = _take(_evaluate(model, theta, yw, w, True, frozen, bounded=False), slice(None))
+    return _covariance(model, theta, state, frozen)[0]
+
+
+def _flat_result(res: dict) -> dict:
+    out = {k: res[k] for k in ("theta", "var_coef", "var_theta", "converged", "n_iter")}
+    out.update(coef=res["state"]["coef"], chi2=res["state"]["chi2"],
+               combo=res["state"]["combo"])
+    if "forced" in res:
+        out["forced"] = res["forced"]
+    return out
+
+
+def _fit_all(model: BandModel, loader, n_sp: int, skymask, settings, fallback, chunk_size,
+             shape=(), user_groups=(), mapper=None) -> dict:
     """Fit every spectrum with enough valid channels, in chunks; NaN rows for the rest.
+
+    ``loader(rows)`` returns the ``(len(rows), n_c)`` flux and noise of those spaxels on
+    the fitted channels (:class:`ArrayLoader`, :class:`CubeLoader`), so that only one
+    chunk of the cube is in memory at a time; ``mapper(fn, tasks)`` runs the chunk tasks
+    (:func:`serial_map`, or on a dask cluster: :func:`klever_nb.fitting.parallel`).
+    Each spaxel's fit depends on its own data only (and, in pass 2, on the whole-map
+    fallback kinematics computed here), so the maps do not depend on the chunking.
 
     Pass 1 fits everything freely; groups below ``kinematics_snr`` then get their
     kinematics from strong neighbours (or the global fallback) and, with the
     spaxels not yet converged, are re-fitted in pass 2.
     """
-    n_sp = flux.shape[0]
-    good, w, yw = _weights(flux, noise, skymask)
-    n_par_max = max(m.shape[1] for m in model.full_maps)
-    valid = good.sum(axis=1) > n_par_max + model.n_theta
+    mapper = mapper or serial_map
     n_l, nc, nt = model.n_lines, model.n_cont, model.n_theta
+    n_c = model.channels.size
     out = {
         "theta": np.full((n_sp, nt), np.nan), "coef": np.full((n_sp, n_l + nc), np.nan),
         "var_coef": np.full((n_sp, n_l + nc + len(model.bounded)), np.nan),
@@ -372,38 +468,48 @@ def _fit_all(model: BandModel, flux, noise, skymask, settings, fallback, chunk_s
         "forced": np.zeros((n_sp, len(model.groups)), dtype=bool),
         "combo": np.zeros(n_sp, dtype=int),
     }
+    good = np.zeros((n_sp, n_c), dtype=bool)
+    valid = np.zeros(n_sp, dtype=bool)
     chunk = max(int(chunk_size), 1)
 
-    def run(rows_all, fn, *extra):
-        for start in range(0, rows_all.size, chunk):
-            rows = rows_all[start:start + chunk]
-            res = fn(model, *[e[start:start + chunk] for e in extra[:1]], yw[rows], w[rows],
-                     settings, *[e[start:start + chunk] for e in extra[1:]])
-            out["theta"][rows] = res["theta"]
-            out["coef"][rows] = res["state"]["coef"]
-            out["chi2"][rows] = res["state"]["chi2"]
-            out["combo"][rows] = res["state"]["combo"]
-            out["var_coef"][rows] = res["var_coef"]
-            out["var_theta"][rows] = res["var_theta"]
-            out["converged"][rows] = res["converged"]
-            out["n_iter"][rows] += res["n_iter"]
-            if "forced" in res:
-                out["forced"][rows] = res["forced"]
+    def store(rows, res):
+        for key in ("theta", "coef", "chi2", "combo", "var_coef", "var_theta", "converged"):
+            out[key][rows] = res[key]
+        out["n_iter"][rows] += res["n_iter"]
+        if "forced" in res:
+            out["forced"][rows] = res["forced"]
 
+    def split(rows_all):
+        return [rows_all[i:i + chunk] for i in range(0, rows_all.size, chunk)]
+
+    chunks = split(np.arange(n_sp))
+    for rows, res in zip(chunks, mapper(_pass1_chunk, [(model, loader, rows, skymask, settings)
+                                                        for rows in chunks]), strict=True):
+        good[rows] = res["good"]
+        valid[rows] = res["valid"]
+        if res["valid"].any():
+            store(rows[res["valid"]], res)
     idx = np.flatnonzero(valid)
-    run(idx, lambda m, yw_, w_, st: _fit_free(m, yw_, w_, st))
     strong = valid[:, None] & ~out["forced"]
     fb = _fallback_theta(model, np.nan_to_num(out["theta"]), strong, shape, fallback,
                          user_groups, settings)
     redo = idx[out["forced"][idx].any(axis=1) | ~out["converged"][idx]]
     if redo.size:
-        frozen = np.repeat(out["forced"][redo], 2, axis=1)
-        theta0 = np.where(frozen, fb[redo], out["theta"][redo])
-        run(redo, lambda m, th, yw_, w_, st, fz: _fit_fixed(m, th, yw_, w_, st, fz),
-            theta0, frozen)
+        frozen = np.repeat(out["forced"], 2, axis=1)
+        theta0 = np.where(frozen, fb, out["theta"])
+        chunks = split(redo)
+        tasks = [(model, loader, rows, theta0[rows], frozen[rows], skymask, settings)
+                 for rows in chunks]
+        for rows, res in zip(chunks, mapper(_pass2_chunk, tasks), strict=True):
+            store(rows, res)
     frozen_all = np.repeat(out["forced"], 2, axis=1)
-    _free_ratio_errors(model, out, np.flatnonzero(valid & (out["combo"] > 0)), yw, w,
-                       frozen_all, chunk)
+    if model.bounded:
+        # per-line errors of ratio-bounded pairs on a bound: from the free-ratio solve
+        chunks = split(np.flatnonzero(valid & (out["combo"] > 0)))
+        tasks = [(model, loader, rows, out["theta"][rows], frozen_all[rows], skymask)
+                 for rows in chunks]
+        for rows, var_free in zip(chunks, mapper(_ratio_chunk, tasks), strict=True):
+            _merge_free_ratio_errors(model, out, rows, var_free)
     n_par = np.array([m.shape[1] for m in model.full_maps])[out["combo"]]
     out["dof"] = good.sum(axis=1) - n_par - (nt - frozen_all.sum(axis=1))
     out["good"] = good
@@ -411,8 +517,7 @@ def _fit_all(model: BandModel, flux, noise, skymask, settings, fallback, chunk_s
     return out
 
 
-def _free_ratio_errors(model: BandModel, out: dict, rows_all, yw, w, frozen_all,
-                       chunk: int) -> None:
+def _merge_free_ratio_errors(model: BandModel, out: dict, rows, var_free) -> None:
     """Per-line flux errors of ratio-bounded pairs that sit on a bound: with the ratio free.
 
     On a bound the pair is re-solved with ``F_num = bound * F_den``, and the covariance of
@@ -423,20 +528,12 @@ def _free_ratio_errors(model: BandModel, out: dict, rows_all, yw, w, frozen_all,
     unconstrained solve at the same (v, sigma); the fluxes (on the bound) and
     ``pair_sum_err`` (the doublet sum, well measured either way) are unchanged.
     """
-    if not model.bounded or rows_all.size == 0:
-        return
     pair_lines = sorted({j for num, den, _, _ in model.bounded for j in (num, den)})
-    for start in range(0, rows_all.size, chunk):
-        rows = rows_all[start:start + chunk]
-        theta, frozen = out["theta"][rows], frozen_all[rows]
-        state = _take(_evaluate(model, theta, yw[rows], w[rows], True, frozen, bounded=False),
-                      slice(None))
-        var_free, _ = _covariance(model, theta, state, frozen)
-        for j in pair_lines:
-            bounded_var = out["var_coef"][rows, j]
-            out["var_coef"][rows, j] = np.where(np.isfinite(var_free[:, j]),
-                                                np.maximum(var_free[:, j], bounded_var),
-                                                bounded_var)
+    for j in pair_lines:
+        bounded_var = out["var_coef"][rows, j]
+        out["var_coef"][rows, j] = np.where(np.isfinite(var_free[:, j]),
+                                            np.maximum(var_free[:, j], bounded_var),
+                                            bounded_var)
 
 
 def _line_model(model: BandModel, theta, coef) -> np.ndarray:
@@ -472,8 +569,8 @@ def _monte_carlo(model, result, noise, skymask, settings, fallback, chunk_size, 
         fake = np.full((n_sp, model.channels.size), np.nan)
         fake[valid] = best + np.where(np.isfinite(nz), nz, 0.0) * rng.standard_normal(best.shape)
         fake[~result["good"]] = np.nan
-        res = _fit_all(model, fake, noise, skymask, settings, fallback, chunk_size, shape,
-                       user_groups)
+        res = _fit_all(model, ArrayLoader(fake, noise), n_sp, skymask, settings, fallback,
+                       chunk_size, shape, user_groups)
         draws.append(res["coef"][:, :model.n_lines])
     if len(draws) > 1:
         with np.errstate(invalid="ignore"):

@@ -91,7 +91,7 @@ def _merge_bands(per_band: dict[str, xr.Dataset]) -> xr.Dataset:
 
 def fit_band(cube: xr.Dataset, *, redshift: float, settings: FitSettings | None = None,
              lines=None, smooth_fwhm_arcsec: float = constants.SMOOTH_FWHM_ARCSEC,
-             fibre_radius_arcsec: float = constants.FIBRE_RADIUS_ARCSEC
+             fibre_radius_arcsec: float = constants.FIBRE_RADIUS_ARCSEC, mapper=None
              ) -> tuple[xr.Dataset, xr.Dataset]:
     """Line maps and integrated fluxes of one band's cube at a fixed redshift (K20 §3.1).
 
@@ -122,7 +122,7 @@ def fit_band(cube: xr.Dataset, *, redshift: float, settings: FitSettings | None 
     if smooth_fwhm_arcsec and smooth_fwhm_arcsec > 0:
         work = spectra.smooth_cube(cube, fwhm_arcsec=smooth_fwhm_arcsec)
     maps = fit_cube(work, redshift=redshift, settings=settings, lines=names,
-                    fallback_kinematics=_group_kinematics(integrated))
+                    fallback_kinematics=_group_kinematics(integrated), mapper=mapper)
     maps.attrs["noise_correlation_scaling"] = float(
         work.attrs.get("noise_correlation_scaling", 1.0))
     maps.attrs["fibre_centre_yx"] = list(map(float, fibre.attrs["centre_yx"]))

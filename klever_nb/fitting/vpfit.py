@@ -344,11 +344,14 @@ def project(theta, prof, dmu, dsg, mu, s, i0, i1, wrow, ywrow, base, seg, xrel, 
             cross[c0, t] += w2 * jt
             cross[c0 + 1, t] += w2 * xrel[i] * jt
             jty[t] += wi * ywrow[i] * jt
-            for j in range(n_l):
-                if i >= i0[j] and i < i1[j]:
-                    cross[j, t] += w2 * prof[j, i] * jt
             for t2 in range(nt):
                 jj[t, t2] += w2 * jt * jac[t2, i]
+    for j in range(n_l):  # line columns: only over their own windows
+        for i in range(i0[j], i1[j]):
+            wi = wrow[i]
+            pw = wi * wi * prof[j, i]
+            for t in range(nt):
+                cross[j, t] += pw * jac[t, i]
     npk = npar[best_k]
     mk = maps[best_k]
     aj = np.zeros((pmax, nt))

@@ -561,6 +561,17 @@ def _fnu_to_flambda(unit: u.UnitBase, wave_um: np.ndarray):
 # ---------------------------------------------------------------------------
 # Noise and masks
 # ---------------------------------------------------------------------------
+def _any_usable(source, channels: int = 64) -> bool:
+    """Whether a lazily read cube has any voxel with finite flux and noise > 0 (stops at the
+    first slab of ``channels`` channels that has one, so a normal cube costs one slab)."""
+    n_wave = source.shape[0]
+    for lo in range(0, n_wave, channels):
+        key = (slice(lo, min(lo + channels, n_wave)), slice(None), slice(None))
+        if np.isfinite(source.read(key, "noise")).any():
+            return True
+    return False
+
+
 def _nothing_usable(path, hdul, layout: _Layout, data_name: str, noise_name: str,
                     mask_name: str) -> InputError:
     """The one-line error of a cube in which no voxel has finite flux and noise > 0 (issue 18)."""
@@ -902,6 +913,8 @@ def _build_cube(path, hdul, layout: _Layout, *, noise_kind, wavelength_medium, b
         source, noise_name, kind, noise_attrs, noise_method = _lazy_source(
             path, hdul, layout, shape, flux_unit, noise_kind, factors)
         mask_name = _hdu_name(hdul, layout.mask) if layout.mask is not None else ""
+        if not _any_usable(source):  # nothing usable is not a success (issue 18)
+            raise _nothing_usable(path, hdul, layout, data_name, noise_name, mask_name)
         reverse = wave_um.size > 1 and wave_um[-1] < wave_um[0]
         if reverse:
             wave_um = wave_um[::-1]
@@ -1063,6 +1076,7 @@ class _CubeSource:
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_hdul"] = None
+        state["_fd"] = None
         return state
 
     def _open(self):
@@ -1074,16 +1088,83 @@ class _CubeSource:
         if self._hdul is not None:
             self._hdul.close()
             self._hdul = None
+        if self.__dict__.get("_fd") is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: S110 - interpreter shutdown
+            pass
+
+    _DTYPES = {8: ">u1", 16: ">i2", 32: ">i4", 64: ">i8", -32: ">f4", -64: ">f8"}
+
+    def _plain(self, index: int):
+        """(data offset, dtype, shape) of a plain (uncompressed, unscaled) image HDU, else None.
+
+        Such HDUs are read with ``os.pread`` of the rows asked for: unlike a memory map, the
+        file's pages then never count in this process's resident memory."""
+        cache = self.__dict__.setdefault("_plain_cache", {})
+        if index not in cache:
+            hdul = self._open()
+            hdu = hdul[index]
+            header = hdu.header
+            info = None
+            if (not isinstance(hdu, fits.CompImageHDU) and "BSCALE" not in header
+                    and "BZERO" not in header and header.get("BITPIX") in self._DTYPES):
+                naxis = int(header.get("NAXIS", 0))
+                shape = tuple(int(header[f"NAXIS{i}"]) for i in range(naxis, 0, -1))
+                info = (int(hdul.fileinfo(index)["datLoc"]),
+                        np.dtype(self._DTYPES[header["BITPIX"]]), shape)
+            cache[index] = info
+        return cache[index]
+
+    def _pread(self, info, planes, ys: slice, xs) -> np.ndarray:
+        offset, dtype, shape = info
+        if self.__dict__.get("_fd") is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        ny, nx = shape[-2:]
+        y0, y1, step = ys.indices(ny)
+        y1 = max(y0, y1) if step > 0 else y1
+        rows = slice(y0, y1) if step > 0 else slice(y1 + 1, y0 + 1)
+        n_rows = max(rows.stop - rows.start, 0)
+        per_plane = ny * nx * dtype.itemsize
+        out = np.empty((len(planes), n_rows, nx), dtype=dtype)
+        nbytes = n_rows * nx * dtype.itemsize
+        for k, plane in enumerate(planes):
+            start = offset + int(plane) * per_plane + rows.start * nx * dtype.itemsize
+            buf = os.pread(self._fd, nbytes, start)
+            if len(buf) != nbytes:
+                raise _input_error(self.path, None, None, "file is shorter than its header "
+                                   "says (truncated)", "re-download or re-write the file")
+            out[k] = np.frombuffer(buf, dtype=dtype).reshape(n_rows, nx)
+        sub = slice(None, None, step) if step > 0 else slice(None, None, step)
+        if step != 1:
+            out = out[:, sub] if step > 0 else out[:, ::-1][:, ::-step]
+        return out[:, :, xs]
+
+    def _array(self, index: int):
+        """The HDU's memory map (plain images), else its section reader (compressed or
+        scaled integers: astropy decompresses/scales only the tiles asked for)."""
+        hdu = self._open()[index]
+        header = hdu.header
+        if isinstance(hdu, fits.CompImageHDU) or "BSCALE" in header or "BZERO" in header:
+            return hdu.section
+        return hdu.data
 
     def _section(self, index: int, wave_idx, ys, xs) -> np.ndarray:
-        hdu = self._open()[index]
+        info = self._plain(index)
+        if info is not None and len(info[2]) == 3:
+            return np.asarray(self._pread(info, wave_idx, ys, xs), dtype=np.float64)
+        array = self._array(index)
         lo, hi = int(wave_idx.min()), int(wave_idx.max()) + 1
-        contiguous = hi - lo == wave_idx.size and np.all(np.diff(wave_idx) == 1)
-        if contiguous:
-            block = hdu.section[lo:hi, ys, xs]
+        if hi - lo == wave_idx.size:  # sorted and unique: a contiguous run of channels
+            block = array[lo:hi, ys, xs]
+        elif isinstance(array, np.ndarray):
+            block = array[wave_idx, ys, xs]  # only these planes' rows are touched
         else:
-            block = np.stack([hdu.section[int(i), ys, xs] for i in wave_idx]) \
-                if wave_idx.size < 0.5 * (hi - lo) else hdu.section[lo:hi, ys, xs][wave_idx - lo]
+            block = np.stack([array[int(i), ys, xs] for i in wave_idx])
         return np.asarray(block, dtype=np.float64)
 
     def read(self, key, which: str) -> np.ndarray:
@@ -1107,7 +1188,7 @@ class _CubeSource:
                 if mhdu.header.get("NAXIS", 0) == 3:
                     mvals = np.asarray(self._section(self.mask, sorted_idx, ys, xs))
                 else:
-                    mvals = np.asarray(mhdu.section[ys, xs], dtype=np.float64)[None]
+                    mvals = np.asarray(self._array(self.mask)[ys, xs], dtype=np.float64)[None]
                 name = mhdu.name.strip().upper()
                 bad = mvals == 0 if name.endswith("FIELDMAP") else mvals != 0
                 flux[np.broadcast_to(bad, flux.shape)] = np.nan
