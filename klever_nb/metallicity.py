@@ -13,6 +13,9 @@ chi^2 by :func:`chi2_eq1`, for the grid, the emcee log-probability and the radia
 profile's "mean_ratio" route (:func:`klever_nb.gradients.oh_from_log_ratios` calls
 :func:`grid_summary`). In ``method="emcee"`` every summary and flag of a pixel comes
 from its chains (:func:`chain_summary`), no grid is computed beside them.
+That posterior engine lives in :mod:`klever_nb.posterior` (its public names are
+re-exported here); this module chooses the diagnostics, assembles the observed
+ratios and dust inputs, and writes the maps.
 
 Summaries (per pixel): median and 16th/84th percentiles from the linearly
 interpolated CDF of the trapezoid-integrated posterior (no pile-up at grid
@@ -44,16 +47,14 @@ Decisions (FACTS.md §11)
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import xarray as xr
 from scipy import stats
 
-from klever_nb.calibrations import Calibration, get_calibration
+from klever_nb.calibrations import get_calibration
 from klever_nb.constants import (
     BALMER_SNR,
     DETECTION_SNR,
@@ -62,463 +63,39 @@ from klever_nb.constants import (
     R_V,
 )
 from klever_nb.errors import ConfigError
+from klever_nb.posterior import (
+    EDGE_RATIO,
+    GRID_STEP,
+    MIN_MODE_MASS,
+    VALLEY_RATIO,
+    calibrated_log_ratios,
+    chain_summary,
+    chi2_eq1,
+    grid_summary,
+    make_grid,
+    posterior_emcee,
+    posterior_grid,
+    summarize_posterior,
+    validity_range,
+)
 from klever_nb.ratios import DIAGNOSTICS, get_diagnostic, observed_log_ratio
 
-#: Default grid step in dex (brief: <= 0.001-0.002).
-GRID_STEP = 0.001
-#: Bimodality and edge criteria (see module docstring).
-VALLEY_RATIO = 0.5
-MIN_MODE_MASS = 0.05
-EDGE_RATIO = 0.1
+# The eq. (1) posterior engine lives in klever_nb.posterior; its public names are part of
+# this module's API too (klever_nb.metallicity.grid_summary, ...).
+__all__ = [
+    "CHOICE_SNR", "EDGE_RATIO", "GRID_STEP", "MIN_MODE_MASS", "O3O2_MIN_REDSHIFT",
+    "POOR_FIT_PVALUE", "VALLEY_RATIO", "calibrated_log_ratios", "chain_summary", "chi2_eq1",
+    "choose_diagnostics", "dust_inputs", "global_metallicity", "grid_summary", "make_grid",
+    "metallicity_map", "posterior_emcee", "posterior_grid", "predicted_line_fluxes",
+    "summarize_posterior", "validity_range",
+]
+
 #: chi2_min above this upper-tail probability threshold marks a poor fit (ratios off every curve).
 POOR_FIT_PVALUE = 1e-3
 #: Default redshift above which O3O2 is used when [OII] is detected (K20 §4.2).
 O3O2_MIN_REDSHIFT = 2.0
 #: Detection threshold used to choose the diagnostics of a galaxy (K20 §3.1, §3.4: >= 3 sigma).
 CHOICE_SNR = DETECTION_SNR
-
-
-# ---------------------------------------------------------------------------
-# Calibration helpers
-# ---------------------------------------------------------------------------
-def validity_range(diagnostics: Sequence[str], calibration_set: str = "C20") -> tuple[float, float]:
-    """Intersection of the validity ranges of the calibrations used."""
-    cals = [get_calibration(d, set_name=calibration_set) for d in diagnostics]
-    lo, hi = max(c.oh_min for c in cals), min(c.oh_max for c in cals)
-    if not hi > lo:
-        raise ConfigError(f"calibrations {list(diagnostics)} of set {calibration_set!r} have no "
-                          "common validity range")
-    return lo, hi
-
-
-def make_grid(diagnostics: Sequence[str], *, calibration_set: str = "C20",
-              step: float = GRID_STEP) -> np.ndarray:
-    """Uniform 12+log(O/H) grid over the common validity range, end points included."""
-    if not 0 < step <= 0.01:
-        raise ConfigError(f"grid_step={step}: use a step in (0, 0.01] dex")
-    lo, hi = validity_range(diagnostics, calibration_set)
-    n = int(round((hi - lo) / step)) + 1
-    return np.linspace(lo, hi, n)
-
-
-def calibrated_log_ratios(calibrations: Sequence[Calibration], oh: np.ndarray) -> np.ndarray:
-    """log R_cal,i(x) of each calibration at the points ``oh``, shape (n_diag, n_points).
-
-    The one evaluation of the calibration polynomials for eq. (1) (grid, emcee and the
-    "mean_ratio" route alike): :meth:`klever_nb.calibrations.Calibration.log_ratio`.
-    """
-    x = np.ravel(np.asarray(oh, dtype=float))
-    return np.array([c.log_ratio(x) for c in calibrations], dtype=float).reshape(
-        len(calibrations), x.size)
-
-
-def chi2_eq1(obs: np.ndarray, weight: np.ndarray, model: np.ndarray) -> np.ndarray:
-    """K20 eq. (1): chi^2(x) = sum_i w_i (log R_obs,i - log R_cal,i(x))^2, w_i = 1/(s_obs^2 + s_cal^2).
-
-    Parameters
-    ----------
-    obs, weight : ndarray, shape (..., n_diag)
-        Observed log ratios and weights from :func:`_weights` (unusable ratios: weight 0).
-    model : ndarray, shape (n_diag, n_points)
-        :func:`calibrated_log_ratios` at the points where chi^2 is wanted.
-
-    Returns
-    -------
-    ndarray, shape (..., n_points)
-        chi^2 at every point for every pixel. :func:`posterior_grid` and the emcee
-        log-probability call this; :func:`grid_summary` expands the same square into one
-        matrix product (tested equal).
-    """
-    obs = np.asarray(obs, dtype=float)
-    weight = np.asarray(weight, dtype=float)
-    chi2 = np.zeros(obs.shape[:-1] + model.shape[1:])
-    for d in range(model.shape[0]):
-        chi2 += weight[..., d, None] * (obs[..., d, None] - model[d]) ** 2
-    return chi2
-
-
-def _model_table(diagnostics: Sequence[str], calibration_set: str, grid: np.ndarray
-                 ) -> tuple[np.ndarray, np.ndarray]:
-    """log R_cal on the grid (n_diag, n_grid) and the intrinsic dispersions (n_diag,)."""
-    cals = [get_calibration(d, set_name=calibration_set) for d in diagnostics]
-    sigma = np.array([c.sigma for c in cals], dtype=float)
-    return calibrated_log_ratios(cals, grid), sigma
-
-
-def _weights(log_r_obs: np.ndarray, log_r_err: np.ndarray, sigma_cal: np.ndarray
-             ) -> tuple[np.ndarray, np.ndarray]:
-    """Observed values with NaN -> 0 and weights 1/(sigma_obs^2 + sigma_cal^2) (0 if unusable)."""
-    usable = np.isfinite(log_r_obs) & np.isfinite(log_r_err)
-    var = np.where(usable, log_r_err, 0.0) ** 2 + sigma_cal**2
-    var = np.maximum(var, 1e-12)
-    weight = np.where(usable, 1.0 / var, 0.0)
-    return np.where(usable, log_r_obs, 0.0), weight
-
-
-# ---------------------------------------------------------------------------
-# Exact grid posterior
-# ---------------------------------------------------------------------------
-def _observations(log_r_obs, log_r_err, diagnostics: Sequence[str]
-                  ) -> tuple[np.ndarray, np.ndarray, int]:
-    """Observed log ratios and errors as float arrays whose last axis is the diagnostics."""
-    obs_in = np.asarray(log_r_obs, dtype=float)
-    err_in = np.asarray(log_r_err, dtype=float)
-    n_diag = len(diagnostics)
-    if obs_in.shape[-1] != n_diag or err_in.shape != obs_in.shape:
-        raise ConfigError(f"log_r_obs/log_r_err last axis must have {n_diag} diagnostics")
-    return obs_in, err_in, n_diag
-
-
-def posterior_grid(log_r_obs: np.ndarray, log_r_err: np.ndarray, diagnostics: Sequence[str], *,
-                   calibration_set: str = "C20", grid: np.ndarray) -> np.ndarray:
-    """Normalised posterior density of 12+log(O/H) on ``grid`` for all pixels at once.
-
-    Parameters
-    ----------
-    log_r_obs, log_r_err : ndarray, shape (..., n_diag)
-        Observed log ratios and their 1-sigma errors (dex), NaN where unusable
-        (that diagnostic is then dropped for that pixel).
-    diagnostics : sequence of str
-        Names of the n_diag diagnostics (last axis).
-    calibration_set : str
-        Registered calibration set (``"C20"``...).
-    grid : ndarray, shape (n_grid,)
-        Increasing 12+log(O/H) values (flat prior over [grid[0], grid[-1]]).
-
-    Returns
-    -------
-    ndarray, shape (..., n_grid)
-        Posterior density (per dex; trapezoid integral 1). All-NaN for pixels
-        without any usable diagnostic. This is the plain reference; for whole
-        maps use :func:`grid_summary` (chunked, never holds (n_pix, n_grid)).
-
-    References
-    ----------
-    K20 §3.4, eq. (1); FACTS.md §1.3-1.4.
-    """
-    obs_in, err_in, n_diag = _observations(log_r_obs, log_r_err, diagnostics)
-    lead = obs_in.shape[:-1]
-    grid = np.asarray(grid, dtype=float)
-    model, sigma = _model_table(diagnostics, calibration_set, grid)
-    obs, weight = _weights(obs_in.reshape(-1, n_diag), err_in.reshape(-1, n_diag), sigma)
-    chi2 = chi2_eq1(obs, weight, model)  # plain sum of eq. (1) terms (the reference twin)
-    post = np.exp(-0.5 * (chi2 - chi2.min(axis=1, keepdims=True)))
-    norm = np.trapezoid(post, grid, axis=1)
-    post /= norm[:, None]
-    post[~(weight > 0).any(axis=1)] = np.nan
-    return post.reshape(*lead, grid.size)
-
-
-def summarize_posterior(post: np.ndarray, grid: np.ndarray, *,
-                        quantiles: Sequence[float] = (0.16, 0.5, 0.84),
-                        valley_ratio: float = VALLEY_RATIO, min_mode_mass: float = MIN_MODE_MASS,
-                        edge_ratio: float = EDGE_RATIO) -> dict[str, np.ndarray]:
-    """Quantiles, bimodality and edge flags of posteriors on a grid, shape (..., n_grid).
-
-    Quantiles interpolate the CDF of the trapezoid-integrated density linearly
-    between grid nodes. Returns a dict with ``q16``, ``q50``, ``q84`` (for the
-    default quantiles; keys ``f"q{100*q:g}"``), ``bimodal``, ``at_edge``, ``mode``.
-    """
-    post = np.asarray(post, dtype=float)
-    lead = post.shape[:-1]
-    flat = post.reshape(-1, post.shape[-1])
-    out = _summarise_chunk(flat, np.asarray(grid, dtype=float), quantiles, valley_ratio,
-                           min_mode_mass, edge_ratio)
-    return {key: value.reshape(lead) for key, value in out.items()}
-
-
-def _summarise_chunk(post: np.ndarray, grid: np.ndarray, quantiles: Sequence[float],
-                     valley_ratio: float, min_mode_mass: float, edge_ratio: float, *,
-                     clean: bool = False, mode_step: float = 0.005,
-                     peak_index: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """Core of the summaries on an (n, G) block of densities (any normalisation).
-
-    ``clean=True`` promises finite densities with row maximum 1 (the fused path),
-    skipping the checks. The bimodality test runs on every ``mode_step``-dex
-    node (a valley between two significant modes is wider than that).
-    """
-    n = post.shape[0]
-    if clean:
-        valid = np.ones(n, dtype=bool)
-        dens = post
-    else:
-        valid = np.isfinite(post).all(axis=1) & (np.nan_to_num(post).max(axis=1) > 0)
-        dens = np.where(valid[:, None], post, 0.0)
-        peak = dens.max(axis=1, keepdims=True)
-        peak[peak == 0] = 1.0
-        dens = dens / peak
-    dx = np.diff(grid)
-    cdf = np.empty_like(dens)
-    cdf[:, 0] = 0.0
-    mid = dens[:, 1:] + dens[:, :-1]
-    uniform = bool(np.allclose(dx, dx[0], rtol=1e-9, atol=0.0)) if dx.size else True
-    if not uniform:  # a constant factor cancels in the normalisation
-        mid *= dx
-    np.cumsum(mid, axis=1, out=cdf[:, 1:])
-    del mid
-    total = cdf[:, -1].copy()
-    total[total == 0] = 1.0
-    out: dict[str, np.ndarray] = {}
-    rows = np.arange(n)
-    step = 32 if grid.size > 64 else 1
-    offsets = np.arange(step + 1)
-    for q in quantiles:
-        level = (q * total)[:, None]
-        # first node with cdf >= level: coarse search every `step` nodes, then in the window
-        below = np.count_nonzero(cdf[:, ::step] < level, axis=1)
-        start = np.clip((below - 1) * step, 0, max(grid.size - 1 - step, 0))
-        window = np.take_along_axis(cdf, start[:, None] + offsets[None, :grid.size], axis=1)
-        idx = start + np.count_nonzero(window < level, axis=1)
-        idx = np.clip(idx, 1, grid.size - 1)
-        c0, c1 = cdf[rows, idx - 1] / total, cdf[rows, idx] / total
-        with np.errstate(divide="ignore", invalid="ignore"):
-            frac = np.where(c1 > c0, (q - c0) / (c1 - c0), 0.5)
-        value = grid[idx - 1] + np.clip(frac, 0.0, 1.0) * dx[idx - 1]
-        out[f"q{100 * q:g}"] = np.where(valid, value, np.nan)
-    stride = max(1, int(round(mode_step / float(np.mean(dx))))) if dx.size else 1
-    coarse = np.ascontiguousarray(dens[:, ::stride])
-    coarse_cdf = cdf[:, ::stride] / total[:, None]
-    left = np.maximum.accumulate(coarse, axis=1)
-    right = np.maximum.accumulate(coarse[:, ::-1], axis=1)[:, ::-1]
-    np.minimum(left, right, out=left)
-    left *= valley_ratio
-    valley = coarse < left
-    valley &= (coarse_cdf >= min_mode_mass) & (coarse_cdf <= 1.0 - min_mode_mass)
-    out["bimodal"] = valid & valley.any(axis=1)
-    out["at_edge"] = valid & (np.maximum(dens[:, 0], dens[:, -1]) >= edge_ratio)
-    peak = np.argmax(dens, axis=1) if peak_index is None else peak_index
-    out["mode"] = np.where(valid, grid[peak], np.nan)
-    return out
-
-
-def _single_threaded_blas():
-    """Limit BLAS to one thread (threadpoolctl when installed; otherwise a no-op)."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - optional
-        return contextlib.nullcontext()
-    return threadpool_limits(limits=1, user_api="blas")
-
-
-def grid_summary(log_r_obs: np.ndarray, log_r_err: np.ndarray, diagnostics: Sequence[str], *,
-                 calibration_set: str = "C20", grid: np.ndarray, chunk_size: int = 2048,
-                 n_threads: int = 2, valley_ratio: float = VALLEY_RATIO,
-                 min_mode_mass: float = MIN_MODE_MASS, edge_ratio: float = EDGE_RATIO
-                 ) -> dict[str, np.ndarray]:
-    """Posterior summaries for many pixels, fused and chunked (fast path of :func:`posterior_grid`).
-
-    chi^2 on the grid is one matrix product per chunk; chunks run on ``n_threads``
-    threads (numpy releases the GIL), so memory stays ~ ``10 * chunk_size * n_grid``
-    doubles; the densities are float32 after the float64 chi^2. Same maths as
-    ``summarize_posterior(posterior_grid(...))`` (equal to ~1e-6 dex; tested to 1e-5).
-
-    Returns
-    -------
-    dict
-        ``oh`` (median), ``oh_lo``, ``oh_hi`` (16th/84th), ``mode``, ``chi2_min``,
-        ``n_diagnostics``, ``bimodal``, ``at_edge``, ``no_diagnostic``; arrays of
-        shape ``log_r_obs.shape[:-1]``.
-    """
-    obs_in, err_in, n_diag = _observations(log_r_obs, log_r_err, diagnostics)
-    lead = obs_in.shape[:-1]
-    grid = np.asarray(grid, dtype=float)
-    model, sigma = _model_table(diagnostics, calibration_set, grid)
-    obs, weight = _weights(obs_in.reshape(-1, n_diag), err_in.reshape(-1, n_diag), sigma)
-    n_pix = obs.shape[0]
-    n_used = (weight > 0).sum(axis=1)
-    model_stack = np.ascontiguousarray(np.concatenate([model, model**2], axis=0))
-    keys = ("oh", "oh_lo", "oh_hi", "mode", "chi2_min")
-    result = {key: np.full(n_pix, np.nan) for key in keys}
-    result["bimodal"] = np.zeros(n_pix, dtype=bool)
-    result["at_edge"] = np.zeros(n_pix, dtype=bool)
-    todo = np.flatnonzero(n_used > 0)
-
-    def work(index: np.ndarray) -> None:
-        # -chi2/2 up to a per-pixel constant as one matrix product:
-        # sum_d w (o - M)^2 = sum_d w o^2 - 2 sum_d w o M + sum_d w M^2
-        w, o = weight[index], obs[index]
-        log_like = np.concatenate([w * o, -0.5 * w], axis=1) @ model_stack
-        peak = log_like.argmax(axis=1)
-        best = log_like[np.arange(peak.size), peak]
-        chi2_min = np.sum(w * o**2, axis=1) - 2.0 * best
-        log_like -= best[:, None]
-        # float32 from here on: 1e-7 relative precision on a density normalised to peak 1
-        # changes quantiles by ~1e-7 dex and halves the memory traffic (exp, cumsum)
-        dens = log_like.astype(np.float32)
-        np.exp(dens, out=dens)
-        summary = _summarise_chunk(dens, grid, (0.16, 0.5, 0.84), valley_ratio,
-                                   min_mode_mass, edge_ratio, clean=True, peak_index=peak)
-        result["oh"][index] = summary["q50"]
-        result["oh_lo"][index] = summary["q16"]
-        result["oh_hi"][index] = summary["q84"]
-        result["mode"][index] = summary["mode"]
-        result["chi2_min"][index] = chi2_min
-        result["bimodal"][index] = summary["bimodal"]
-        result["at_edge"][index] = summary["at_edge"]
-
-    chunks = [todo[i:i + chunk_size] for i in range(0, todo.size, chunk_size)]
-    with _single_threaded_blas():  # we parallelise over chunks; BLAS threads would spin
-        if n_threads > 1 and len(chunks) > 1:
-            with ThreadPoolExecutor(max_workers=n_threads) as pool:
-                list(pool.map(work, chunks))
-        else:
-            for chunk in chunks:
-                work(chunk)
-    result["n_diagnostics"] = n_used
-    result["no_diagnostic"] = n_used == 0
-    return {key: value.reshape(lead) for key, value in result.items()}
-
-
-# ---------------------------------------------------------------------------
-# emcee (the paper's method)
-# ---------------------------------------------------------------------------
-def _log_prob_factory(obs: np.ndarray, weight: np.ndarray, calibrations: Sequence[Calibration],
-                      lo: float, hi: float):
-    """ln p(x) = -chi^2(x)/2 of eq. (1) (:func:`chi2_eq1`) inside [lo, hi], -inf outside.
-
-    ``obs``/``weight`` are one pixel's (n_diag,) arrays from :func:`_weights`; vectorised
-    over walkers (theta of shape (n_walkers, 1)).
-    """
-    obs = np.asarray(obs, dtype=float)
-    weight = np.asarray(weight, dtype=float)
-
-    def log_prob(theta: np.ndarray) -> np.ndarray:
-        x = np.asarray(theta, dtype=float)[:, 0]
-        chi2 = chi2_eq1(obs, weight, calibrated_log_ratios(calibrations, x))
-        inside = (x >= lo) & (x <= hi)
-        return np.where(inside, -0.5 * chi2, -np.inf)
-
-    return log_prob
-
-
-def chain_summary(samples: np.ndarray, log_prob: np.ndarray, *, lo: float, hi: float,
-                  valley_ratio: float = VALLEY_RATIO, min_mode_mass: float = MIN_MODE_MASS,
-                  edge_ratio: float = EDGE_RATIO) -> dict[str, float | bool]:
-    """Summaries and flags of one pixel from its emcee chain (the samples that were run).
-
-    Quantiles are percentiles of the samples; ``mode`` is the sample of highest ln p
-    (the chi^2 minimum under the flat prior) and ``chi2_min`` = -2 max ln p; ``bimodal``
-    and ``at_edge`` apply the criteria of :func:`summarize_posterior` to a histogram of
-    the samples on [lo, hi] (Freedman-Diaconis bin width, 10-400 bins).
-    """
-    flat = np.asarray(samples, dtype=float).ravel()
-    logp = np.asarray(log_prob, dtype=float).ravel()
-    q16, q50, q84 = np.percentile(flat, [16, 50, 84])
-    best = int(np.argmax(logp))
-    iqr = float(np.subtract(*np.percentile(flat, [75, 25])))
-    width = 2.0 * iqr * flat.size ** (-1.0 / 3.0)
-    n_bins = 10 if not width > 0 else int(np.clip(np.ceil((hi - lo) / width), 10, 400))
-    counts, edges = np.histogram(flat, bins=n_bins, range=(lo, hi))
-    centres = 0.5 * (edges[1:] + edges[:-1])
-    flags = _summarise_chunk(counts[None, :].astype(float), centres, (0.5,), valley_ratio,
-                             min_mode_mass, edge_ratio, mode_step=0.0)
-    return {"oh": float(q50), "oh_lo": float(q16), "oh_hi": float(q84),
-            "mode": float(flat[best]), "chi2_min": float(-2.0 * logp[best]),
-            "bimodal": bool(flags["bimodal"][0]), "at_edge": bool(flags["at_edge"][0])}
-
-
-def _emcee_one_pixel(args: tuple) -> tuple:
-    (obs, weight, calibrations, lo, hi, nwalkers, nsteps, burn, seed, keep, criteria) = args
-    import emcee
-
-    rng = np.random.default_rng(seed)
-    log_prob = _log_prob_factory(obs, weight, calibrations, lo, hi)
-    start = rng.uniform(lo, hi, size=(nwalkers, 1))
-    start = np.clip(start, lo + 1e-9, hi - 1e-9)
-    sampler = emcee.EnsembleSampler(nwalkers, 1, log_prob, vectorize=True)
-    sampler.random_state = np.random.RandomState(int(rng.integers(2**31))).get_state()
-    sampler.run_mcmc(start, nsteps, progress=False)
-    chain = sampler.get_chain(discard=burn)  # (steps, walkers, 1)
-    with np.errstate(invalid="ignore", divide="ignore"):  # a chain that has not moved
-        tau = float(emcee.autocorr.integrated_time(chain, tol=0, quiet=True)[0])
-    converged = bool(np.isfinite(tau) and chain.shape[0] > 50 * tau)
-    flat = chain[:, :, 0].ravel()
-    summary = chain_summary(flat, sampler.get_log_prob(discard=burn).ravel(), lo=lo, hi=hi,
-                            **criteria)
-    acceptance = float(np.mean(sampler.acceptance_fraction))
-    return summary, tau, converged, acceptance, (flat if keep else None)
-
-
-def posterior_emcee(log_r_obs: np.ndarray, log_r_err: np.ndarray, diagnostics: Sequence[str], *,
-                    calibration_set: str = "C20", nwalkers: int = 32, nsteps: int = 2000,
-                    burn: int | None = None, seed: int = 0, n_processes: int = 1,
-                    return_samples: bool = False, grid_range: tuple[float, float] | None = None,
-                    valley_ratio: float = VALLEY_RATIO, min_mode_mass: float = MIN_MODE_MASS,
-                    edge_ratio: float = EDGE_RATIO) -> dict[str, np.ndarray]:
-    """Sample the eq. (1) posterior of each pixel with emcee (K20 §3.4), for comparison.
-
-    One ensemble per pixel (``vectorize=True`` over walkers), pixels looped or
-    spread over ``n_processes`` worker processes. Walkers start uniformly over
-    the validity range (finite ln p by construction); the first ``burn`` steps
-    (default nsteps // 5) are discarded; ``tau`` is the integrated
-    autocorrelation time of the kept chain, and ``converged`` means kept steps
-    > 50 tau (a short chain gives ``converged=False``, never an exception).
-    ln p is :func:`chi2_eq1` on :func:`calibrated_log_ratios`, the functions of the
-    grid posterior; every summary and flag comes from the chains (:func:`chain_summary`).
-
-    Parameters
-    ----------
-    log_r_obs, log_r_err : ndarray, shape (..., n_diag)
-        As for :func:`posterior_grid`.
-    nwalkers : int
-        Walkers per pixel (>= 2 ndim = 2; emcee's stretch move needs an even number >= 2).
-    grid_range : (float, float), optional
-        Prior range (default: the common validity range, as the grid).
-    valley_ratio, min_mode_mass, edge_ratio : float
-        Bimodality and edge criteria (module docstring), applied to the chains.
-
-    Returns
-    -------
-    dict
-        ``oh``, ``oh_lo``, ``oh_hi``, ``mode``, ``chi2_min``, ``bimodal``, ``at_edge``,
-        ``n_diagnostics``, ``no_diagnostic``, ``tau``, ``converged``, ``acceptance``
-        (shape ``log_r_obs.shape[:-1]``); ``samples`` (list of flat chains) if requested.
-
-    References
-    ----------
-    K20 §3.4; emcee (Foreman-Mackey et al. 2013) autocorrelation guidance.
-    """
-    if nwalkers < 2 or nwalkers % 2:
-        raise ConfigError(f"nwalkers={nwalkers}: use an even number >= 2 (2 x ndim)")
-    obs_in, err_in, n_diag = _observations(log_r_obs, log_r_err, diagnostics)
-    lead = obs_in.shape[:-1]
-    cals = [get_calibration(d, set_name=calibration_set) for d in diagnostics]
-    sigma = np.array([c.sigma for c in cals])
-    lo, hi = grid_range if grid_range is not None else validity_range(diagnostics,
-                                                                        calibration_set)
-    obs, weight = _weights(obs_in.reshape(-1, n_diag), err_in.reshape(-1, n_diag), sigma)
-    burn = nsteps // 5 if burn is None else burn
-    criteria = {"valley_ratio": valley_ratio, "min_mode_mass": min_mode_mass,
-                "edge_ratio": edge_ratio}
-    n_pix = obs.shape[0]
-    keys = ("oh", "oh_lo", "oh_hi", "mode", "chi2_min", "tau", "acceptance")
-    out = {key: np.full(n_pix, np.nan) for key in keys}
-    for key in ("converged", "bimodal", "at_edge"):
-        out[key] = np.zeros(n_pix, dtype=bool)
-    n_used = (weight > 0).sum(axis=1)
-    todo = np.flatnonzero(n_used > 0)
-    tasks = [(obs[i], weight[i], cals, lo, hi, nwalkers, nsteps, burn, seed + int(i),
-              return_samples, criteria) for i in todo]
-    if n_processes > 1 and len(tasks) > 1:
-        from concurrent.futures import ProcessPoolExecutor
-
-        with ProcessPoolExecutor(max_workers=n_processes) as pool:
-            results = list(pool.map(_emcee_one_pixel, tasks, chunksize=max(1, len(tasks)
-                                                                          // (4 * n_processes))))
-    else:
-        results = [_emcee_one_pixel(task) for task in tasks]
-    samples: list[np.ndarray | None] = [None] * n_pix
-    for i, (summary, tau, converged, acceptance, flat) in zip(todo, results, strict=True):
-        for key, value in summary.items():
-            out[key][i] = value
-        out["tau"][i], out["converged"][i], out["acceptance"][i] = tau, converged, acceptance
-        samples[i] = flat
-    out["n_diagnostics"] = n_used
-    out["no_diagnostic"] = n_used == 0
-    final = {key: value.reshape(lead) for key, value in out.items()}
-    if return_samples:
-        final["samples"] = samples
-    return final
 
 
 # ---------------------------------------------------------------------------
@@ -602,6 +179,7 @@ def choose_diagnostics(maps_or_integrated: xr.Dataset, *, redshift: float | None
 # Metallicity maps
 # ---------------------------------------------------------------------------
 def _spatial_dims(maps: xr.Dataset) -> list[str]:
+    """Dims of the line maps other than ``line``."""
     return [d for d in maps["flux"].dims if d != "line"]
 
 
@@ -654,6 +232,149 @@ def _agn_like(maps: xr.Dataset, shape: tuple[int, ...]) -> np.ndarray:
     from klever_nb.bpt import bpt_classify
 
     return np.asarray(bpt_classify(maps)["agn"].values, dtype=bool).reshape(shape)
+
+
+def _chosen_diagnostics(maps: xr.Dataset, diagnostics: Sequence[str] | None, *,
+                        redshift: float | None, calibration_set: str, method: str) -> list[str]:
+    """Check the inputs; the galaxy's diagnostics (K20 §3.4, §4.2), each in ``calibration_set``."""
+    if method not in ("grid", "emcee"):
+        raise ConfigError(f"method={method!r}: use 'grid' or 'emcee'")
+    if "line" not in maps.dims or "flux" not in maps or "flux_err" not in maps:
+        raise ConfigError("metallicity_map needs a Dataset with 'flux', 'flux_err' on a 'line' dim")
+    if diagnostics is None:
+        chosen = choose_diagnostics(maps, redshift=redshift)
+    else:
+        chosen = choose_diagnostics(maps, redshift=redshift, requested=list(diagnostics))
+    for name in chosen:
+        get_calibration(name, set_name=calibration_set)  # ConfigError if the set lacks it
+    return chosen
+
+
+def _dust_for_ratios(maps: xr.Dataset, chosen: Sequence[str], *, dust_correction: bool | None,
+                     ebv, ebv_err, min_snr_hbeta: float) -> tuple[xr.Dataset | None, dict]:
+    """Per-pixel E(B-V) (:func:`dust_inputs`) and the dust keywords of the ratios (K20 §3.4).
+
+    ``(None, {})`` when no ratio is to be corrected (auto: no dust-sensitive diagnostic;
+    or the maps are already dust-corrected).
+    """
+    needs_dust = any(DIAGNOSTICS[d].dust_sensitive for d in chosen)
+    do_dust = needs_dust if dust_correction is None else bool(dust_correction)
+    if maps.attrs.get("dust_corrected", False):
+        do_dust = False
+    if not (do_dust and chosen):
+        return None, {}
+    dust = dust_inputs(maps, ebv=ebv, ebv_err=ebv_err, min_snr_hbeta=min_snr_hbeta)
+    ratio_kwargs = {"ebv": dust["ebv"], "ebv_err": dust["ebv_err"],
+                    "ebv_from_balmer": dust["ebv_from_balmer"]}
+    return dust, ratio_kwargs
+
+
+def _observed_ratio_stack(maps: xr.Dataset, chosen: Sequence[str], shape: tuple[int, ...],
+                          excluded: np.ndarray, ratio_kwargs: dict, *,
+                          dust_correction: bool | None, snr_min_strong: float,
+                          snr_min_weak: float) -> tuple[np.ndarray, np.ndarray]:
+    """log R_obs and its error, shape (*shape, n_diag), NaN where unusable or excluded (K20 §4.2)."""
+    n_diag = len(chosen)
+    log_r = np.full((*shape, n_diag), np.nan)
+    log_r_err = np.full((*shape, n_diag), np.nan)
+    for i, name in enumerate(chosen):
+        # auto: only ratios of distant lines are corrected (K20 §3.4: R3, N2, S2 need none);
+        # dust_correction=True corrects every ratio
+        kwargs = ratio_kwargs if (dust_correction or DIAGNOSTICS[name].dust_sensitive) else {}
+        value, error, usable = observed_log_ratio(
+            maps, name, snr_min_strong=snr_min_strong, snr_min_weak=snr_min_weak, **kwargs)
+        ok = usable.values & ~excluded
+        log_r[..., i] = np.where(ok, value.values, np.nan)
+        log_r_err[..., i] = np.where(ok, error.values, np.nan)
+    return log_r, log_r_err
+
+
+def _posterior_summary(log_r: np.ndarray, log_r_err: np.ndarray, chosen: Sequence[str],
+                       shape: tuple[int, ...], *, method: str, calibration_set: str,
+                       grid_step: float, emcee_kwargs: dict | None, chunk_size: int,
+                       n_threads: int) -> dict:
+    """Per-pixel summaries of the K20 eq. (1) posterior: grid, emcee chains, or NaN (no ratio)."""
+    if not chosen:
+        nan = np.full(shape, np.nan)
+        return {"oh": nan, "oh_lo": nan, "oh_hi": nan, "mode": nan, "chi2_min": nan,
+                "bimodal": np.zeros(shape, bool), "at_edge": np.zeros(shape, bool),
+                "n_diagnostics": np.zeros(shape, int), "no_diagnostic": np.ones(shape, bool)}
+    if method == "emcee":  # every summary and flag from the chains that were run
+        return posterior_emcee(log_r, log_r_err, chosen, calibration_set=calibration_set,
+                               **dict(emcee_kwargs or {}))
+    grid = make_grid(chosen, calibration_set=calibration_set, step=grid_step)
+    return grid_summary(log_r, log_r_err, chosen, calibration_set=calibration_set,
+                        grid=grid, chunk_size=chunk_size, n_threads=n_threads)
+
+
+def _poor_fit(summary: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Diagnostics used per pixel, and chi2_min upper-tail probability < :data:`POOR_FIT_PVALUE`."""
+    n_used = np.asarray(summary["n_diagnostics"])
+    with np.errstate(invalid="ignore"):
+        dof = np.maximum(n_used - 1, 1)
+        poor = (n_used > 0) & (stats.chi2.sf(np.nan_to_num(summary["chi2_min"]), dof)
+                               < POOR_FIT_PVALUE)
+    return n_used, poor
+
+
+def _map_variable(template: xr.DataArray, spatial: Sequence[str], values, long_name: str,
+                  units: str | None = None) -> xr.DataArray:
+    """``values`` as a DataArray on the spatial dims and coordinates of the line maps."""
+    attrs = {"long_name": long_name}
+    if units:
+        attrs["units"] = units
+    return xr.DataArray(np.asarray(values).reshape(template.shape), dims=spatial,
+                        coords=template.coords, attrs=attrs)
+
+
+def _summary_variables(summary: dict, n_used: np.ndarray, poor: np.ndarray,
+                       agn_like: np.ndarray, agn: np.ndarray, n_diag: int, *, method: str,
+                       template: xr.DataArray, spatial: Sequence[str]) -> dict[str, xr.DataArray]:
+    """The per-pixel variables of :func:`metallicity_map`: 12+log(O/H) percentiles and flags."""
+    def var(values, long_name, units=None):
+        return _map_variable(template, spatial, values, long_name, units)
+
+    dex = "dex"
+    data = {
+        "oh": var(summary["oh"], "12+log(O/H), posterior median", dex),
+        "oh_lo": var(summary["oh_lo"], "16th percentile of 12+log(O/H)", dex),
+        "oh_hi": var(summary["oh_hi"], "84th percentile of 12+log(O/H)", dex),
+        "oh_err_lo": var(summary["oh"] - summary["oh_lo"], "median - 16th percentile", dex),
+        "oh_err_hi": var(summary["oh_hi"] - summary["oh"], "84th percentile - median", dex),
+        "mode": var(summary["mode"], "posterior mode (grid node or highest-ln p sample)", dex),
+        "chi2_min": var(summary["chi2_min"], "minimum chi^2 of K20 eq. (1)"),
+        "n_diagnostics": var(n_used.astype(np.int16), "diagnostics used in this pixel"),
+        "bimodal": var(summary["bimodal"], "two separated posterior modes"),
+        "at_edge": var(summary["at_edge"], "posterior truncated at the validity range"),
+        "no_diagnostic": var(summary["no_diagnostic"], "no usable ratio: oh is NaN"),
+        "poor_fit": var(poor, f"chi2_min upper-tail probability < {POOR_FIT_PVALUE}"),
+        "agn_like": var(agn_like, "AGN side of the [NII] or [SII] BPT diagram"),
+        "agn_excluded": var(agn, "AGN-like in a BPT diagram, excluded"),
+        "all_diagnostics": var(n_used == n_diag, "every diagnostic of the galaxy's set "
+                               "entered this pixel (the pixels a gradient uses, K20 §4.2)"),
+    }
+    if method == "emcee" and n_diag:
+        data["tau"] = var(summary["tau"], "emcee integrated autocorrelation time (steps)")
+        data["converged"] = var(summary["converged"], "emcee chain > 50 tau")
+    return data
+
+
+def _add_ratios_and_dust(out: xr.Dataset, log_r: np.ndarray, log_r_err: np.ndarray,
+                         chosen: Sequence[str], dust: xr.Dataset | None, *,
+                         template: xr.DataArray, spatial: Sequence[str]) -> None:
+    """Add the log ratios that entered eq. (1) on ``(diagnostic, ...)`` and the E(B-V) used."""
+    if chosen:
+        out["log_ratio"] = xr.DataArray(np.moveaxis(log_r, -1, 0), dims=("diagnostic", *spatial),
+                                        coords={"diagnostic": chosen, **template.coords},
+                                        attrs={"units": "dex", "long_name": "log10 ratio used"})
+        out["log_ratio_err"] = xr.DataArray(np.moveaxis(log_r_err, -1, 0),
+                                            dims=("diagnostic", *spatial),
+                                            coords={"diagnostic": chosen, **template.coords},
+                                            attrs={"units": "dex"})
+    if dust is not None:
+        out["ebv"] = dust["ebv"]
+        out["ebv_err"] = dust["ebv_err"]
+        out["ebv_from_balmer"] = dust["ebv_from_balmer"]
 
 
 def metallicity_map(
@@ -732,7 +453,7 @@ def metallicity_map(
     Examples
     --------
     >>> import xarray as xr
-    >>> from klever_nb.calibrations import Calibration, get_calibration
+    >>> from klever_nb.calibrations import get_calibration
     >>> lines = ["Hbeta", "OIII_5007", "Halpha", "NII_6584"]
     >>> r3, n2 = (10 ** get_calibration(d).log_ratio(8.4) for d in ("R3", "N2"))
     >>> maps = xr.Dataset({"flux": ("line", [1.0, r3, 2.87, 2.87 * n2]),
@@ -741,108 +462,26 @@ def metallicity_map(
     >>> round(float(metallicity_map(maps, diagnostics=["R3", "N2"])["oh"]), 2)
     8.4
     """
-    if method not in ("grid", "emcee"):
-        raise ConfigError(f"method={method!r}: use 'grid' or 'emcee'")
-    if "line" not in maps.dims or "flux" not in maps or "flux_err" not in maps:
-        raise ConfigError("metallicity_map needs a Dataset with 'flux', 'flux_err' on a 'line' dim")
-    if diagnostics is None:
-        chosen = choose_diagnostics(maps, redshift=redshift)
-    else:
-        chosen = choose_diagnostics(maps, redshift=redshift, requested=list(diagnostics))
-    for name in chosen:
-        get_calibration(name, set_name=calibration_set)  # ConfigError if the set lacks it
+    chosen = _chosen_diagnostics(maps, diagnostics, redshift=redshift,
+                                 calibration_set=calibration_set, method=method)
     spatial = _spatial_dims(maps)
     template = maps["flux"].isel(line=0, drop=True)
     shape = template.shape
-    needs_dust = any(DIAGNOSTICS[d].dust_sensitive for d in chosen)
-    do_dust = needs_dust if dust_correction is None else bool(dust_correction)
-    if maps.attrs.get("dust_corrected", False):
-        do_dust = False
-
     agn_like = _agn_like(maps, shape)
     agn = agn_like if exclude_agn else np.zeros(shape, dtype=bool)
-
-    dust = None
-    ratio_kwargs: dict = {}
-    if do_dust and chosen:
-        dust = dust_inputs(maps, ebv=ebv, ebv_err=ebv_err, min_snr_hbeta=min_snr_hbeta)
-        ratio_kwargs = {"ebv": dust["ebv"], "ebv_err": dust["ebv_err"],
-                        "ebv_from_balmer": dust["ebv_from_balmer"]}
-
-    n_diag = len(chosen)
-    log_r = np.full((*shape, n_diag), np.nan)
-    log_r_err = np.full((*shape, n_diag), np.nan)
-    for i, name in enumerate(chosen):
-        # auto: only ratios of distant lines are corrected (K20 §3.4: R3, N2, S2 need none);
-        # dust_correction=True corrects every ratio
-        kwargs = ratio_kwargs if (dust_correction or DIAGNOSTICS[name].dust_sensitive) else {}
-        value, error, usable = observed_log_ratio(
-            maps, name, snr_min_strong=snr_min_strong, snr_min_weak=snr_min_weak, **kwargs)
-        ok = usable.values & ~agn
-        log_r[..., i] = np.where(ok, value.values, np.nan)
-        log_r_err[..., i] = np.where(ok, error.values, np.nan)
-
-    if n_diag == 0:
-        nan = np.full(shape, np.nan)
-        summary = {"oh": nan, "oh_lo": nan, "oh_hi": nan, "mode": nan, "chi2_min": nan,
-                   "bimodal": np.zeros(shape, bool), "at_edge": np.zeros(shape, bool),
-                   "n_diagnostics": np.zeros(shape, int), "no_diagnostic": np.ones(shape, bool)}
-    elif method == "emcee":  # every summary and flag from the chains that were run
-        summary = posterior_emcee(log_r, log_r_err, chosen, calibration_set=calibration_set,
-                                  **dict(emcee_kwargs or {}))
-    else:
-        grid = make_grid(chosen, calibration_set=calibration_set, step=grid_step)
-        summary = grid_summary(log_r, log_r_err, chosen, calibration_set=calibration_set,
-                               grid=grid, chunk_size=chunk_size, n_threads=n_threads)
-
-    n_used = np.asarray(summary["n_diagnostics"])
-    with np.errstate(invalid="ignore"):
-        dof = np.maximum(n_used - 1, 1)
-        poor = (n_used > 0) & (stats.chi2.sf(np.nan_to_num(summary["chi2_min"]), dof)
-                               < POOR_FIT_PVALUE)
-
-    def var(values, long_name, units=None):
-        attrs = {"long_name": long_name}
-        if units:
-            attrs["units"] = units
-        return xr.DataArray(np.asarray(values).reshape(shape), dims=spatial,
-                            coords=template.coords, attrs=attrs)
-
-    dex = "dex"
-    data = {
-        "oh": var(summary["oh"], "12+log(O/H), posterior median", dex),
-        "oh_lo": var(summary["oh_lo"], "16th percentile of 12+log(O/H)", dex),
-        "oh_hi": var(summary["oh_hi"], "84th percentile of 12+log(O/H)", dex),
-        "oh_err_lo": var(summary["oh"] - summary["oh_lo"], "median - 16th percentile", dex),
-        "oh_err_hi": var(summary["oh_hi"] - summary["oh"], "84th percentile - median", dex),
-        "mode": var(summary["mode"], "posterior mode (grid node or highest-ln p sample)", dex),
-        "chi2_min": var(summary["chi2_min"], "minimum chi^2 of K20 eq. (1)"),
-        "n_diagnostics": var(n_used.astype(np.int16), "diagnostics used in this pixel"),
-        "bimodal": var(summary["bimodal"], "two separated posterior modes"),
-        "at_edge": var(summary["at_edge"], "posterior truncated at the validity range"),
-        "no_diagnostic": var(summary["no_diagnostic"], "no usable ratio: oh is NaN"),
-        "poor_fit": var(poor, f"chi2_min upper-tail probability < {POOR_FIT_PVALUE}"),
-        "agn_like": var(agn_like, "AGN side of the [NII] or [SII] BPT diagram"),
-        "agn_excluded": var(agn, "AGN-like in a BPT diagram, excluded"),
-        "all_diagnostics": var(n_used == n_diag, "every diagnostic of the galaxy's set "
-                               "entered this pixel (the pixels a gradient uses, K20 §4.2)"),
-    }
-    if method == "emcee" and n_diag:
-        data["tau"] = var(summary["tau"], "emcee integrated autocorrelation time (steps)")
-        data["converged"] = var(summary["converged"], "emcee chain > 50 tau")
-    out = xr.Dataset(data)
-    if n_diag:
-        out["log_ratio"] = xr.DataArray(np.moveaxis(log_r, -1, 0), dims=("diagnostic", *spatial),
-                                        coords={"diagnostic": chosen, **template.coords},
-                                        attrs={"units": dex, "long_name": "log10 ratio used"})
-        out["log_ratio_err"] = xr.DataArray(np.moveaxis(log_r_err, -1, 0),
-                                            dims=("diagnostic", *spatial),
-                                            coords={"diagnostic": chosen, **template.coords},
-                                            attrs={"units": dex})
-    if dust is not None:
-        out["ebv"] = dust["ebv"]
-        out["ebv_err"] = dust["ebv_err"]
-        out["ebv_from_balmer"] = dust["ebv_from_balmer"]
+    dust, ratio_kwargs = _dust_for_ratios(maps, chosen, dust_correction=dust_correction,
+                                          ebv=ebv, ebv_err=ebv_err, min_snr_hbeta=min_snr_hbeta)
+    log_r, log_r_err = _observed_ratio_stack(
+        maps, chosen, shape, agn, ratio_kwargs, dust_correction=dust_correction,
+        snr_min_strong=snr_min_strong, snr_min_weak=snr_min_weak)
+    summary = _posterior_summary(log_r, log_r_err, chosen, shape, method=method,
+                                 calibration_set=calibration_set, grid_step=grid_step,
+                                 emcee_kwargs=emcee_kwargs, chunk_size=chunk_size,
+                                 n_threads=n_threads)
+    n_used, poor = _poor_fit(summary)
+    out = xr.Dataset(_summary_variables(summary, n_used, poor, agn_like, agn, len(chosen),
+                                        method=method, template=template, spatial=spatial))
+    _add_ratios_and_dust(out, log_r, log_r_err, chosen, dust, template=template, spatial=spatial)
     out.attrs.update(
         diagnostics_used=",".join(chosen),
         calibration_set=calibration_set,

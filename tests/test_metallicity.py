@@ -300,7 +300,7 @@ def test_emcee_short_chain_is_not_converged_and_does_not_raise():
 
 
 def test_emcee_vectorised_log_prob_equals_looped():
-    from klever_nb.metallicity import _log_prob_factory
+    from klever_nb.posterior import _log_prob_factory
 
     cals = [get_calibration(d) for d in DIAGS]
     obs, weight = np.array([0.3, -0.8, -0.9]), np.array([100.0, 50.0, 80.0])
@@ -335,7 +335,7 @@ def test_calibration_polynomials_at_known_points():
 def test_the_eq1_routes_agree_with_the_closed_form():
     """Grid reference, fast grid, emcee ln p and the mean_ratio route: one chi^2, to 1e-10."""
     from klever_nb.gradients import oh_from_log_ratios
-    from klever_nb.metallicity import _log_prob_factory, _weights, chi2_eq1
+    from klever_nb.posterior import _log_prob_factory, _weights, chi2_eq1
 
     points = np.array([7.7, 8.0, 8.3, 8.5, 8.69, 8.85])
     cals = [get_calibration(d) for d in DIAGS]
@@ -370,7 +370,7 @@ def test_the_eq1_routes_agree_with_the_closed_form():
 
 def test_fast_grid_chi2_min_is_chi2_eq1_on_many_pixels():
     """grid_summary's expanded matrix product = chi2_eq1 on the grid, NaN ratios included."""
-    from klever_nb.metallicity import _weights, calibrated_log_ratios, chi2_eq1
+    from klever_nb.posterior import _weights, calibrated_log_ratios, chi2_eq1
 
     rng = np.random.default_rng(11)
     obs = np.stack([get_calibration(d).log_ratio(rng.uniform(7.7, 8.8, 400)) for d in DIAGS], -1)
@@ -388,7 +388,7 @@ def test_fast_grid_chi2_min_is_chi2_eq1_on_many_pixels():
 
 
 def test_exact_ratios_give_chi2_zero_at_the_truth_on_every_route():
-    from klever_nb.metallicity import _log_prob_factory, _weights
+    from klever_nb.posterior import _log_prob_factory, _weights
 
     truth = 8.3
     obs = np.array([_closed_form_log_r(d, truth) for d in DIAGS])
