@@ -253,6 +253,135 @@ def _pair_covariances(maps: xr.Dataset, definition: DiagnosticDef,
     return out
 
 
+def _check_request(maps: xr.Dataset, definition: DiagnosticDef, *, oiii_4959: str,
+                   ebv) -> tuple[list[str], bool]:
+    """The maps' line names and whether they are already dust-corrected (ConfigError if unusable)."""
+    names = list(maps["line"].values)
+    missing = [line for line in definition.required_lines if line not in names]
+    if missing:
+        raise ConfigError(f"diagnostic {definition.name!r} needs lines {missing} that the maps "
+                          f"lack (have {names}); choose another diagnostic")
+    if oiii_4959 not in ("auto", "tied", "measured"):
+        raise ConfigError(f"oiii_4959={oiii_4959!r}: use 'auto', 'tied' or 'measured'")
+    already = bool(maps.attrs.get("dust_corrected", False))
+    if already and ebv is not None:
+        raise ConfigError("maps are already dust-corrected (attrs['dust_corrected']); "
+                          "do not pass ebv again")
+    return names, already
+
+
+def _lines_to_read(maps: xr.Dataset, definition: DiagnosticDef, names: list[str], *,
+                   oiii_4959: str, ebv, ebv_from_balmer) -> tuple[bool, list[str], list[str], bool]:
+    """Which lines enter: ``(tied, involved, extra, use_balmer)`` (FACTS.md §1.2).
+
+    ``tied``: [OIII]4959 enters as 5007 / OIII_RATIO; ``involved``: the measured lines of
+    the ratio; ``extra``: Halpha/Hbeta read only for the Balmer E(B-V) chain rule
+    (``use_balmer``).
+    """
+    tied = "OIII_4959" in definition.lines and (
+        oiii_4959 == "tied" or (oiii_4959 == "auto" and oiii_4959_is_tied(maps)))
+    if "OIII_4959" in definition.lines and not tied and "OIII_4959" not in names:
+        raise ConfigError("oiii_4959='measured' but the maps have no OIII_4959 line")
+    involved = [line for line in definition.lines if not (tied and line == "OIII_4959")]
+    use_balmer = ebv is not None and ebv_from_balmer is not None and bool(
+        np.any(np.asarray(ebv_from_balmer)))
+    extra = [line for line in ("Halpha", "Hbeta") if use_balmer and line not in involved]
+    if use_balmer and any(line not in names for line in extra):
+        raise ConfigError("ebv_from_balmer needs Halpha and Hbeta in the maps")
+    return tied, involved, extra, use_balmer
+
+
+def _usable_species(definition: DiagnosticDef, flux: dict, err: dict, snr: dict,
+                    pair_cov: dict, template: xr.DataArray, *, snr_min_strong: float,
+                    snr_min_weak: float) -> xr.DataArray:
+    """Finite positive fluxes and errors, each species (doublets summed) above its SNR cut (K20 §4.2)."""
+    usable = xr.ones_like(template, dtype=bool)
+    for species in definition.species:
+        members = [line for line, _ in species]
+        for line in members:
+            usable = usable & np.isfinite(flux[line]) & (flux[line] > 0)
+            usable = usable & np.isfinite(err[line]) & (err[line] > 0)
+        threshold = snr_min_strong if any(m in STRONG_LINES for m in members) else snr_min_weak
+        if len(members) == 1:
+            species_snr = snr[members[0]]
+        else:
+            total = sum(flux[m] for m in members)
+            noise = np.sqrt(sum(err[m] ** 2 for m in members)
+                            + 2 * pair_cov.get(tuple(members), 0.0))
+            with np.errstate(divide="ignore", invalid="ignore"):
+                species_snr = total / noise
+        usable = usable & (species_snr.fillna(-np.inf) >= threshold)
+    return usable
+
+
+def _log_flux_errors(flux: dict, err: dict, pair_cov: dict) -> tuple[dict, dict]:
+    """sigma(log10 F) of every line and cov(log10 F_a, log10 F_b) of every fitted doublet pair."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel_err = {line: err[line] / (np.abs(flux[line]) * LN10) for line in flux}  # sigma(log F)
+        rel_cov = {pair: cov / (np.abs(flux[pair[0]]) * np.abs(flux[pair[1]]) * LN10**2)
+                   for pair, cov in pair_cov.items()}  # cov(log F_a, log F_b)
+    return rel_err, rel_cov
+
+
+def _ratio_fluxes(flux: dict, err: dict, usable: xr.DataArray, definition: DiagnosticDef,
+                  tied: bool, involved: list[str], template: xr.DataArray
+                  ) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    """Flux arrays of the ratio (NaN where unusable); [OIII]4959 = 5007 / OIII_RATIO where tied.
+
+    Also returns where a measured 4959 was unusable and replaced by 5007 / OIII_RATIO
+    (None unless 4959 is measured).
+    """
+    flux_values = {line: flux[line].where(usable) for line in involved}
+    derived_4959 = None  # pixels where a measured 4959 is unusable: 5007/ratio instead
+    if "OIII_4959" in definition.lines:
+        if tied:
+            flux_values["OIII_4959"] = flux_values["OIII_5007"] / OIII_RATIO
+        else:
+            f49 = flux_values["OIII_4959"]
+            good49 = (np.isfinite(f49) & (f49 > 0) & np.isfinite(err["OIII_4959"])
+                      & (err["OIII_4959"] > 0))
+            flux_values["OIII_4959"] = f49.where(good49, flux_values["OIII_5007"] / OIII_RATIO)
+            derived_4959 = ~good49.broadcast_like(template).values
+    arrays = {line: xr.broadcast(value, template)[0] for line, value in flux_values.items()}
+    return {n: a.values for n, a in arrays.items()}, derived_4959
+
+
+def _fold_derived_4959(jac: dict, tied: bool, derived_4959: np.ndarray | None) -> None:
+    """Move d log R / d log F(4959) onto 5007 where 4959 is 5007 / OIII_RATIO (fully correlated)."""
+    if tied:  # 4959 = 5007/ratio: its derivative adds to 5007's (fully correlated)
+        jac["OIII_5007"] = jac["OIII_5007"] + jac.pop("OIII_4959")
+    elif derived_4959 is not None:
+        jac["OIII_5007"] = jac["OIII_5007"] + np.where(derived_4959, jac["OIII_4959"], 0.0)
+        jac["OIII_4959"] = np.where(derived_4959, 0.0, jac["OIII_4959"])
+
+
+def _add_balmer_chain_rule(jac: dict, dust_slope: np.ndarray, balmer: np.ndarray,
+                           log_r: np.ndarray, *, law: str, r_v: float) -> None:
+    """Add d log R / d E(B-V) x d E(B-V) / d log F to Halpha/Hbeta where E(B-V) is Balmer."""
+    c_balmer = 2.5 / (k_of_line("Hbeta", law=law, r_v=r_v)
+                      - k_of_line("Halpha", law=law, r_v=r_v))
+    for line in ("Halpha", "Hbeta"):
+        jac.setdefault(line, np.zeros_like(log_r))
+    sign = {"Halpha": 1.0, "Hbeta": -1.0}
+    for line in ("Halpha", "Hbeta"):
+        jac[line] = jac[line] + np.where(balmer, dust_slope * c_balmer * sign[line], 0.0)
+
+
+def _flux_variance(jac: dict, rel_err: dict, rel_cov: dict, template: xr.DataArray,
+                   log_r: np.ndarray) -> np.ndarray:
+    """First-order variance of log10 R from the flux errors and doublet covariances."""
+    variance = np.zeros_like(log_r)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for line, derivative in jac.items():
+            rel = rel_err[line].broadcast_like(template).values
+            variance = variance + np.where(derivative == 0, 0.0, derivative * rel) ** 2
+        for (a, b), cov in rel_cov.items():
+            if a in jac and b in jac:
+                cross = 2 * jac[a] * jac[b] * cov.broadcast_like(template).values
+                variance = variance + np.nan_to_num(cross)
+    return variance
+
+
 def observed_log_ratio(
     maps: xr.Dataset,
     diagnostic: str,
@@ -327,58 +456,18 @@ def observed_log_ratio(
     0.4771
     """
     definition = get_diagnostic(diagnostic)
-    names = list(maps["line"].values)
-    missing = [line for line in definition.required_lines if line not in names]
-    if missing:
-        raise ConfigError(f"diagnostic {diagnostic!r} needs lines {missing} that the maps lack "
-                          f"(have {names}); choose another diagnostic")
-    if oiii_4959 not in ("auto", "tied", "measured"):
-        raise ConfigError(f"oiii_4959={oiii_4959!r}: use 'auto', 'tied' or 'measured'")
-    already = bool(maps.attrs.get("dust_corrected", False))
-    if already and ebv is not None:
-        raise ConfigError("maps are already dust-corrected (attrs['dust_corrected']); "
-                          "do not pass ebv again")
-
-    tied = "OIII_4959" in definition.lines and (
-        oiii_4959 == "tied" or (oiii_4959 == "auto" and oiii_4959_is_tied(maps)))
-    if "OIII_4959" in definition.lines and not tied and "OIII_4959" not in names:
-        raise ConfigError("oiii_4959='measured' but the maps have no OIII_4959 line")
-
-    involved = [line for line in definition.lines if not (tied and line == "OIII_4959")]
-    use_balmer = ebv is not None and ebv_from_balmer is not None and bool(
-        np.any(np.asarray(ebv_from_balmer)))
-    extra = [line for line in ("Halpha", "Hbeta") if use_balmer and line not in involved]
-    if use_balmer and any(line not in names for line in extra):
-        raise ConfigError("ebv_from_balmer needs Halpha and Hbeta in the maps")
+    names, already = _check_request(maps, definition, oiii_4959=oiii_4959, ebv=ebv)
+    tied, involved, extra, use_balmer = _lines_to_read(
+        maps, definition, names, oiii_4959=oiii_4959, ebv=ebv, ebv_from_balmer=ebv_from_balmer)
 
     flux, err, snr = {}, {}, {}
     for line in involved + extra:
         flux[line], err[line], snr[line] = _line_arrays(maps, line, use_detected)
     template = flux[involved[0]]
     pair_cov = _pair_covariances(maps, definition, err)
-
-    # --- usability: finite, positive, SNR thresholds on each species (doublets summed)
-    usable = xr.ones_like(template, dtype=bool)
-    for species in definition.species:
-        members = [line for line, _ in species]
-        for line in members:
-            usable = usable & np.isfinite(flux[line]) & (flux[line] > 0)
-            usable = usable & np.isfinite(err[line]) & (err[line] > 0)
-        threshold = snr_min_strong if any(m in STRONG_LINES for m in members) else snr_min_weak
-        if len(members) == 1:
-            species_snr = snr[members[0]]
-        else:
-            total = sum(flux[m] for m in members)
-            noise = np.sqrt(sum(err[m] ** 2 for m in members)
-                            + 2 * pair_cov.get(tuple(members), 0.0))
-            with np.errstate(divide="ignore", invalid="ignore"):
-                species_snr = total / noise
-        usable = usable & (species_snr.fillna(-np.inf) >= threshold)
-
-    with np.errstate(divide="ignore", invalid="ignore"):
-        rel_err = {line: err[line] / (np.abs(flux[line]) * LN10) for line in flux}  # sigma(log F)
-        rel_cov = {pair: cov / (np.abs(flux[pair[0]]) * np.abs(flux[pair[1]]) * LN10**2)
-                   for pair, cov in pair_cov.items()}  # cov(log F_a, log F_b)
+    usable = _usable_species(definition, flux, err, snr, pair_cov, template,
+                             snr_min_strong=snr_min_strong, snr_min_weak=snr_min_weak)
+    rel_err, rel_cov = _log_flux_errors(flux, err, pair_cov)
 
     # --- dust correction of the fluxes that enter the ratio (relative errors unchanged)
     k = {line: k_of_line(line, law=law, r_v=r_v) for line in involved + (
@@ -389,25 +478,9 @@ def observed_log_ratio(
             flux[line] = flux[line] * 10.0 ** (0.4 * k[line] * ebv_arr)
         usable = usable & np.isfinite(ebv_arr)
 
-    flux_values = {line: flux[line].where(usable) for line in involved}
-    derived_4959 = None  # pixels where a measured 4959 is unusable: 5007/ratio instead
-    if "OIII_4959" in definition.lines:
-        if tied:
-            flux_values["OIII_4959"] = flux_values["OIII_5007"] / OIII_RATIO
-        else:
-            f49 = flux_values["OIII_4959"]
-            good49 = (np.isfinite(f49) & (f49 > 0) & np.isfinite(err["OIII_4959"])
-                      & (err["OIII_4959"] > 0))
-            flux_values["OIII_4959"] = f49.where(good49, flux_values["OIII_5007"] / OIII_RATIO)
-            derived_4959 = ~good49.broadcast_like(template).values
-    arrays = {line: xr.broadcast(value, template)[0] for line, value in flux_values.items()}
-    dims = template.dims
-    log_r_np, jac = log_ratio_from_fluxes(diagnostic, {n: a.values for n, a in arrays.items()})
-    if tied:  # 4959 = 5007/ratio: its derivative adds to 5007's (fully correlated)
-        jac["OIII_5007"] = jac["OIII_5007"] + jac.pop("OIII_4959")
-    elif derived_4959 is not None:
-        jac["OIII_5007"] = jac["OIII_5007"] + np.where(derived_4959, jac["OIII_4959"], 0.0)
-        jac["OIII_4959"] = np.where(derived_4959, 0.0, jac["OIII_4959"])
+    values, derived_4959 = _ratio_fluxes(flux, err, usable, definition, tied, involved, template)
+    log_r_np, jac = log_ratio_from_fluxes(diagnostic, values)
+    _fold_derived_4959(jac, tied, derived_4959)
 
     # --- error propagation in log space
     dust_slope = sum(jac[line] * k[line] for line in jac) * 0.4  # d log R / d E(B-V)
@@ -415,22 +488,8 @@ def observed_log_ratio(
         balmer = np.broadcast_to(np.asarray(
             ebv_from_balmer.values if isinstance(ebv_from_balmer, xr.DataArray)
             else ebv_from_balmer, dtype=bool), log_r_np.shape)
-        c_balmer = 2.5 / (k_of_line("Hbeta", law=law, r_v=r_v)
-                          - k_of_line("Halpha", law=law, r_v=r_v))
-        for line in ("Halpha", "Hbeta"):
-            jac.setdefault(line, np.zeros_like(log_r_np))
-        sign = {"Halpha": 1.0, "Hbeta": -1.0}
-        for line in ("Halpha", "Hbeta"):
-            jac[line] = jac[line] + np.where(balmer, dust_slope * c_balmer * sign[line], 0.0)
-    variance = np.zeros_like(log_r_np)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        for line, derivative in jac.items():
-            rel = rel_err[line].broadcast_like(template).values
-            variance = variance + np.where(derivative == 0, 0.0, derivative * rel) ** 2
-        for (a, b), cov in rel_cov.items():
-            if a in jac and b in jac:
-                cross = 2 * jac[a] * jac[b] * cov.broadcast_like(template).values
-                variance = variance + np.nan_to_num(cross)
+        _add_balmer_chain_rule(jac, dust_slope, balmer, log_r_np, law=law, r_v=r_v)
+    variance = _flux_variance(jac, rel_err, rel_cov, template, log_r_np)
     if ebv is not None and ebv_err is not None:
         sig_e = np.broadcast_to(np.asarray(
             ebv_err.broadcast_like(template).values if isinstance(ebv_err, xr.DataArray)
@@ -442,6 +501,7 @@ def observed_log_ratio(
         sig_e = maps["ebv_err"].broadcast_like(template).values
         variance = variance + (dust_slope * np.nan_to_num(sig_e)) ** 2
 
+    dims = template.dims
     usable_np = usable.broadcast_like(template).values & np.isfinite(log_r_np) & np.isfinite(
         variance)
     log_r = xr.DataArray(np.where(usable_np, log_r_np, np.nan), dims=dims, coords=template.coords)
