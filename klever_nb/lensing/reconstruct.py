@@ -57,6 +57,7 @@ def _mu_halpha_mc(halpha: xr.Dataset, lens: xr.Dataset, *, snr_min: float, cube_
 
 
 def _at_source(lens: xr.Dataset, redshift: float, z_lens: float | None) -> xr.Dataset:
+    """Lens maps normalised at the source redshift (``dls_ds`` maps rescaled with z_lens)."""
     lens = as_lens_grid(lens)
     norm = lens.attrs.get("normalisation", "dls_ds")
     zl = z_lens if z_lens is not None else lens.attrs.get("z_lens")
@@ -70,6 +71,155 @@ def _at_source(lens: xr.Dataset, redshift: float, z_lens: float | None) -> xr.Da
         raise ConfigError("lens maps in the 'dls_ds' normalisation need the lens redshift "
                           "(lens.z_lens)")
     return rescale_lens(lens, z_lens=float(zl), z_source=redshift, normalisation=norm)
+
+
+def _check_deflections(lens_src: xr.Dataset, sb: xr.Dataset) -> None:
+    """InputError when the deflection maps have NaN where they overlap the cube."""
+    block = lens_src[["alpha_x", "alpha_y"]].sel(ly=sb["ly"], lx=sb["lx"])
+    n_bad = int((~np.isfinite(block["alpha_x"]) | ~np.isfinite(block["alpha_y"])).sum())
+    if n_bad:
+        raise InputError(f"lens maps: {n_bad} NaN deflection pixels where they overlap the cube; "
+                         "fill or replace the deflection maps")
+
+
+def _mu_halpha_k20(line_maps: xr.Dataset, masked: xr.Dataset, src_h: xr.Dataset,
+                   lens_src: xr.Dataset, source: xr.Dataset, summary: dict, *, halpha: str,
+                   snr_min: float, cube_wcs: str, shift_arcsec: tuple[float, float],
+                   subsample: int, scale: float, smooth_sigma: float,
+                   mc_realisations: int) -> tuple[float, float]:
+    """The paper's μ(Hα) and its errors (K20 §3.2.3): smoothing-correlated, quadrature, MC.
+
+    Adds ``mu_halpha_k20_err_paper`` and (``mc_realisations > 0``) ``mu_halpha_k20_err_mc``
+    to ``summary``; returns μ and its error with the spaxel correlations of the smoothing.
+    """
+    mu, mu_err_paper = magnification_halpha(masked, src_h, snr_min=snr_min, line=halpha)
+    mu_err = magnification_halpha(masked, src_h, snr_min=snr_min, line=halpha,
+                                  smooth_sigma_pix=smooth_sigma)[1]
+    summary["mu_halpha_k20_err_paper"] = mu_err_paper
+    if mc_realisations > 0:
+        summary["mu_halpha_k20_err_mc"] = summary["mu_halpha_err_mc"] = _mu_halpha_mc(
+            line_maps.sel(line=halpha), lens_src, snr_min=snr_min, cube_wcs=cube_wcs,
+            shift_arcsec=shift_arcsec, source_pixel_arcsec=source.attrs[
+                "source_pixel_arcsec"], subsample=subsample, kpc_per_arcsec=scale,
+            centre=tuple(source.attrs["centre_beta_arcsec"]), n=mc_realisations,
+            smooth_sigma_pix=smooth_sigma)
+    return mu, mu_err
+
+
+def _mu_halpha_forward(line_maps: xr.Dataset, lens_src: xr.Dataset, *, halpha: str,
+                       psf_fwhm_arcsec: float, cube_wcs: str,
+                       shift_arcsec: tuple[float, float], subsample: int, smooth_sigma: float,
+                       mu_bootstrap: int) -> dict[str, Any]:
+    """Forward-modelled μ(Hα) of a Sérsic source (:func:`parametric_source_mu`); NaN + message if it fails."""
+    try:
+        return parametric_source_mu(
+            line_maps["flux"].sel(line=halpha), line_maps["flux_err"].sel(line=halpha),
+            lens_src, psf_fwhm_arcsec=psf_fwhm_arcsec, ifu_wcs=cube_wcs,
+            subsample=subsample, shift_arcsec=shift_arcsec,
+            smooth_sigma_pix=smooth_sigma, n_boot=mu_bootstrap)
+    except InputError as exc:
+        return {"mu": float("nan"), "mu_err": float("nan"), "message": str(exc)}
+
+
+def _halpha_magnifications(line_maps: xr.Dataset, lens_src: xr.Dataset, source: xr.Dataset,
+                           summary: dict, *, halpha: str, snr_min: float, cube_wcs: str,
+                           shift_arcsec: tuple[float, float], subsample: int, scale: float,
+                           psf_fwhm_arcsec: float, forward_iterations: int,
+                           mc_realisations: int, mu_bootstrap: int) -> tuple:
+    """μ(Hα) by the paper's estimator, the forward model and Richardson–Lucy (K20 §3.2.3).
+
+    Returns ``(mu_k20, mu_k20_err, forward, footprint, weights)``: the footprint and
+    weights are the Hα SNR > ``snr_min`` lens-grid pixels and their covered Hα flux
+    (None, NaN μ when Hα or its SNR is missing). Adds the error variants and
+    ``mu_halpha_rl`` to ``summary``.
+    """
+    smooth_sigma = smooth_sigma_pix(line_maps)
+    mu, mu_err = float("nan"), float("nan")
+    fwd: dict[str, Any] = {"mu": float("nan"), "mu_err": float("nan")}
+    footprint = weights = None
+    if not (halpha in list(line_maps["line"].values) and "snr" in line_maps):
+        return mu, mu_err, fwd, footprint, weights
+    selected = line_maps["snr"].sel(line=halpha) > snr_min
+    masked = line_maps.sel(line=[halpha])[["flux", "flux_err", "snr"]].where(selected)
+    sb_h = rebin_to_lens_grid(masked, lens_src, cube_wcs=cube_wcs, shift_arcsec=shift_arcsec)
+    if not np.isfinite(sb_h["flux"].values).any():
+        return mu, mu_err, fwd, footprint, weights
+    src_h = delens(sb_h, lens_src, source_pixel_arcsec=source.attrs["source_pixel_arcsec"],
+                   subsample=subsample, kpc_per_arcsec=scale,
+                   centre=tuple(source.attrs["centre_beta_arcsec"]), centre_line=halpha)
+    mu, mu_err = _mu_halpha_k20(line_maps, masked, src_h, lens_src, source, summary,
+                                halpha=halpha, snr_min=snr_min, cube_wcs=cube_wcs,
+                                shift_arcsec=shift_arcsec, subsample=subsample, scale=scale,
+                                smooth_sigma=smooth_sigma, mc_realisations=mc_realisations)
+    fwd = _mu_halpha_forward(line_maps, lens_src, halpha=halpha,
+                             psf_fwhm_arcsec=psf_fwhm_arcsec, cube_wcs=cube_wcs,
+                             shift_arcsec=shift_arcsec, subsample=subsample,
+                             smooth_sigma=smooth_sigma, mu_bootstrap=mu_bootstrap)
+    if forward_iterations > 0:
+        _, rl = deconvolve_source(line_maps["flux"].sel(line=halpha), lens_src,
+                                  source_like=src_h["flux"].sel(line=halpha),
+                                  psf_fwhm_arcsec=psf_fwhm_arcsec, ifu_wcs=cube_wcs,
+                                  mask=selected, n_iter=forward_iterations,
+                                  subsample=subsample, shift_arcsec=shift_arcsec)
+        summary["mu_halpha_rl"] = rl["mu"]
+    flux_h = sb_h["flux"].sel(line=halpha)
+    footprint = np.isfinite(flux_h)
+    weights = flux_h * sb_h["coverage"].sel(line=halpha)
+    return mu, mu_err, fwd, footprint, weights
+
+
+def _choose_headline_mu(summary: dict, mu: float, mu_err: float, fwd: dict[str, Any],
+                        method: str) -> tuple[float, float]:
+    """Record both μ(Hα) estimators and pick the headline one (``method``) for the SFR."""
+    summary.update(mu_halpha_k20=mu, mu_halpha_k20_err=mu_err,
+                   mu_halpha_forward=fwd["mu"], mu_halpha_forward_err=fwd["mu_err"],
+                   mu_forward_chi2_red=fwd.get("chi2_red", float("nan")),
+                   mu_forward_source=fwd.get("params", []))
+    if "message" in fwd:
+        summary["mu_forward_message"] = fwd["message"]
+    if method == "default" and np.isfinite(fwd["mu"]):
+        mu, mu_err, used = fwd["mu"], fwd["mu_err"], "forward"
+    else:
+        used = "k20"
+    summary.update(mu_halpha=mu, mu_halpha_err=mu_err, mu_halpha_method=used)
+    return mu, mu_err
+
+
+def _mu_from_lens_maps(summary: dict, lens_src: xr.Dataset, sb: xr.Dataset, footprint,
+                       weights, *, alternative_lenses: tuple[xr.Dataset, ...], redshift: float,
+                       z_lens: float | None) -> dict:
+    """μ_maps over the footprint (K20 §3.2.3) and its spread over the alternative lens models."""
+    if footprint is None:
+        footprint = np.isfinite(sb["flux"]).any("line") if "line" in sb["flux"].dims \
+            else np.isfinite(sb["flux"])
+    mm = magnification_from_maps(lens_src, footprint=footprint, weights=weights)
+    summary.update(mu_maps=mm["mu"], mu_maps_k20=mm["mu"], mu_maps_average="total magnification of the Halpha "
+                   "SNR>3 footprint, Halpha-weighted (magnification_from_maps average='total')"
+                   if weights is not None else "total magnification of the footprint",
+                   near_critical=mm["near_critical"],
+                   mu_maps_max_abs=mm["max_abs_mu"])
+    alternative_lenses = tuple(alternative_lenses)
+    if alternative_lenses:
+        alts = [_at_source(m, redshift, z_lens) for m in alternative_lenses]
+        spread = magnification_spread([lens_src, *alts], footprint=footprint, weights=weights)
+        summary.update(mu_maps_spread=spread["sigma"], mu_maps_models=spread)
+    else:
+        summary.update(mu_maps_spread=float("nan"))
+    return mm
+
+
+def _source_psf_fields(summary: dict, lens_src: xr.Dataset, source: xr.Dataset, *,
+                       psf_fwhm_arcsec: float, scale: float, subsample: int) -> dict:
+    """The image PSF mapped to the source plane at the galaxy centre (K20 §3.2.3)."""
+    psf = source_plane_psf(lens_src, position_arcsec=tuple(source.attrs["centre_beta_arcsec"]),
+                           psf_fwhm_arcsec=psf_fwhm_arcsec,
+                           source_pixel_arcsec=source.attrs["source_pixel_arcsec"],
+                           kpc_per_arcsec=scale, subsample=subsample)
+    summary.update(source_psf_fwhm_kpc=[psf["fwhm_major_kpc"], psf["fwhm_minor_kpc"]],
+                   source_psf_theta_deg=psf["theta_deg"],
+                   source_psf_pa_deg_east_of_north=psf["pa_deg_east_of_north"],
+                   source_psf_fwhm_arcsec=psf_fwhm_arcsec)
+    return psf
 
 
 def reconstruct_source_plane(line_maps: xr.Dataset, lens: xr.Dataset, *, redshift: float,
@@ -171,93 +321,23 @@ def reconstruct_source_plane(line_maps: xr.Dataset, lens: xr.Dataset, *, redshif
     lens_src = _at_source(lens, redshift, z_lens)
     scale = _kpc_per_arcsec(redshift)
     sb = rebin_to_lens_grid(line_maps, lens_src, cube_wcs=cube_wcs, shift_arcsec=shift_arcsec)
-    block = lens_src[["alpha_x", "alpha_y"]].sel(ly=sb["ly"], lx=sb["lx"])
-    n_bad = int((~np.isfinite(block["alpha_x"]) | ~np.isfinite(block["alpha_y"])).sum())
-    if n_bad:
-        raise InputError(f"lens maps: {n_bad} NaN deflection pixels where they overlap the cube; "
-                         "fill or replace the deflection maps")
+    _check_deflections(lens_src, sb)
     source = delens(sb, lens_src, source_pixel_arcsec=source_pixel_arcsec, subsample=subsample,
                     kpc_per_arcsec=scale, centre_line=halpha)
     summary: dict[str, Any] = {"shift_arcsec": [float(v) for v in shift_arcsec]}
-    lines = list(line_maps["line"].values)
     if method not in ("default", "k20"):
         raise ConfigError(f"method={method!r}: use 'default' or 'k20'")
-    smooth_sigma = smooth_sigma_pix(line_maps)
-    mu, mu_err = float("nan"), float("nan")
-    fwd: dict[str, Any] = {"mu": float("nan"), "mu_err": float("nan")}
-    footprint = weights = None
-    if halpha in lines and "snr" in line_maps:
-        selected = line_maps["snr"].sel(line=halpha) > snr_min
-        masked = line_maps.sel(line=[halpha])[["flux", "flux_err", "snr"]].where(selected)
-        sb_h = rebin_to_lens_grid(masked, lens_src, cube_wcs=cube_wcs, shift_arcsec=shift_arcsec)
-        if np.isfinite(sb_h["flux"].values).any():
-            src_h = delens(sb_h, lens_src, source_pixel_arcsec=source.attrs["source_pixel_arcsec"],
-                           subsample=subsample, kpc_per_arcsec=scale,
-                           centre=tuple(source.attrs["centre_beta_arcsec"]), centre_line=halpha)
-            mu, mu_err_paper = magnification_halpha(masked, src_h, snr_min=snr_min, line=halpha)
-            mu_err = magnification_halpha(masked, src_h, snr_min=snr_min, line=halpha,
-                                          smooth_sigma_pix=smooth_sigma)[1]
-            summary["mu_halpha_k20_err_paper"] = mu_err_paper
-            if mc_realisations > 0:
-                summary["mu_halpha_k20_err_mc"] = summary["mu_halpha_err_mc"] = _mu_halpha_mc(
-                    line_maps.sel(line=halpha), lens_src, snr_min=snr_min, cube_wcs=cube_wcs,
-                    shift_arcsec=shift_arcsec, source_pixel_arcsec=source.attrs[
-                        "source_pixel_arcsec"], subsample=subsample, kpc_per_arcsec=scale,
-                    centre=tuple(source.attrs["centre_beta_arcsec"]), n=mc_realisations,
-                    smooth_sigma_pix=smooth_sigma)
-            try:
-                fwd = parametric_source_mu(
-                    line_maps["flux"].sel(line=halpha), line_maps["flux_err"].sel(line=halpha),
-                    lens_src, psf_fwhm_arcsec=psf_fwhm_arcsec, ifu_wcs=cube_wcs,
-                    subsample=subsample, shift_arcsec=shift_arcsec,
-                    smooth_sigma_pix=smooth_sigma, n_boot=mu_bootstrap)
-            except InputError as exc:
-                fwd = {"mu": float("nan"), "mu_err": float("nan"), "message": str(exc)}
-            if forward_iterations > 0:
-                _, rl = deconvolve_source(line_maps["flux"].sel(line=halpha), lens_src,
-                                          source_like=src_h["flux"].sel(line=halpha),
-                                          psf_fwhm_arcsec=psf_fwhm_arcsec, ifu_wcs=cube_wcs,
-                                          mask=selected, n_iter=forward_iterations,
-                                          subsample=subsample, shift_arcsec=shift_arcsec)
-                summary["mu_halpha_rl"] = rl["mu"]
-            flux_h = sb_h["flux"].sel(line=halpha)
-            footprint = np.isfinite(flux_h)
-            weights = flux_h * sb_h["coverage"].sel(line=halpha)
-    summary.update(mu_halpha_k20=mu, mu_halpha_k20_err=mu_err,
-                   mu_halpha_forward=fwd["mu"], mu_halpha_forward_err=fwd["mu_err"],
-                   mu_forward_chi2_red=fwd.get("chi2_red", float("nan")),
-                   mu_forward_source=fwd.get("params", []))
-    if "message" in fwd:
-        summary["mu_forward_message"] = fwd["message"]
-    if method == "default" and np.isfinite(fwd["mu"]):
-        mu, mu_err, used = fwd["mu"], fwd["mu_err"], "forward"
-    else:
-        used = "k20"
-    summary.update(mu_halpha=mu, mu_halpha_err=mu_err, mu_halpha_method=used)
-    if footprint is None:
-        footprint = np.isfinite(sb["flux"]).any("line") if "line" in sb["flux"].dims \
-            else np.isfinite(sb["flux"])
-    mm = magnification_from_maps(lens_src, footprint=footprint, weights=weights)
-    summary.update(mu_maps=mm["mu"], mu_maps_k20=mm["mu"], mu_maps_average="total magnification of the Halpha "
-                   "SNR>3 footprint, Halpha-weighted (magnification_from_maps average='total')"
-                   if weights is not None else "total magnification of the footprint",
-                   near_critical=mm["near_critical"],
-                   mu_maps_max_abs=mm["max_abs_mu"])
-    alternative_lenses = tuple(alternative_lenses)
-    if alternative_lenses:
-        alts = [_at_source(m, redshift, z_lens) for m in alternative_lenses]
-        spread = magnification_spread([lens_src, *alts], footprint=footprint, weights=weights)
-        summary.update(mu_maps_spread=spread["sigma"], mu_maps_models=spread)
-    else:
-        summary.update(mu_maps_spread=float("nan"))
-    psf = source_plane_psf(lens_src, position_arcsec=tuple(source.attrs["centre_beta_arcsec"]),
-                           psf_fwhm_arcsec=psf_fwhm_arcsec,
-                           source_pixel_arcsec=source.attrs["source_pixel_arcsec"],
-                           kpc_per_arcsec=scale, subsample=subsample)
-    summary.update(source_psf_fwhm_kpc=[psf["fwhm_major_kpc"], psf["fwhm_minor_kpc"]],
-                   source_psf_theta_deg=psf["theta_deg"],
-                   source_psf_pa_deg_east_of_north=psf["pa_deg_east_of_north"],
-                   source_psf_fwhm_arcsec=psf_fwhm_arcsec)
+    mu, mu_err, fwd, footprint, weights = _halpha_magnifications(
+        line_maps, lens_src, source, summary, halpha=halpha, snr_min=snr_min, cube_wcs=cube_wcs,
+        shift_arcsec=shift_arcsec, subsample=subsample, scale=scale,
+        psf_fwhm_arcsec=psf_fwhm_arcsec, forward_iterations=forward_iterations,
+        mc_realisations=mc_realisations, mu_bootstrap=mu_bootstrap)
+    mu, mu_err = _choose_headline_mu(summary, mu, mu_err, fwd, method)
+    mm = _mu_from_lens_maps(summary, lens_src, sb, footprint, weights,
+                            alternative_lenses=alternative_lenses, redshift=redshift,
+                            z_lens=z_lens)
+    psf = _source_psf_fields(summary, lens_src, source, psf_fwhm_arcsec=psf_fwhm_arcsec,
+                             scale=scale, subsample=subsample)
     source.attrs.update(mu_halpha=mu, mu_halpha_err=mu_err, mu_maps=mm["mu"],
                         source_psf_fwhm_kpc=summary["source_psf_fwhm_kpc"],
                         source_psf_theta_deg=psf["theta_deg"],
