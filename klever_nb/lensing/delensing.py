@@ -236,6 +236,44 @@ def delens(maps_sb: xr.Dataset, lens: xr.Dataset, *, source_pixel_arcsec: float 
     K20 §3.2.3; FACTS.md §12 (coverage and cost of bincount de-lensing).
     """
     lens = as_lens_grid(lens)
+    _check_delens_inputs(maps_sb, lens, errors)
+    ly, lx = maps_sb["ly"].values, maps_sb["lx"].values
+    pixel = float(source_pixel_arcsec or lens.attrs["pixel_scale_arcsec"])
+    scale = _physical_scale(lens, kpc_per_arcsec)
+    bx, by = _trace_rays(lens, ly, lx, subsample)
+    s2 = subsample * subsample
+    lines = list(maps_sb["line"].values) if "line" in maps_sb.dims else [None]
+    names = _map_variables_lens(maps_sb)
+    ref_line = centre_line if centre_line in lines else lines[0]
+    ref_flux = _line_values(maps_sb, "flux" if "flux" in names else names[0], ref_line)
+    fp = _image_footprint(maps_sb, footprint, ref_flux, ref_line, ly, lx, footprint_snr)
+    any_finite = _finite_pixels(maps_sb, names, ly.size * lx.size)
+    grid, centre = _centred_grid(bx, by, any_finite, ref_flux, s2=s2, pixel=pixel, centre=centre,
+                                 source_extent=source_extent)
+    src = grid.index(bx, by)  # (npix, s2)
+    group = _noise_groups(maps_sb, errors, ly.size * lx.size, s2)
+    out_vars, n_pix = _binned_variables(maps_sb, names, lines, src.ravel(), group, grid, s2)
+    if "flux" in out_vars and "flux_err" in out_vars:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out_vars["snr"] = (out_vars["flux"][0], out_vars["flux"][1] / out_vars["flux_err"][1],
+                               {"units": "", "description": "flux / flux_err in the source plane"})
+    if lines[0] is not None:
+        out_vars["n_image_pixels"] = (("line", "ys", "xs"), n_pix,
+                                      {"description": "image pixels (rays / subsample^2) in the "
+                                                      "mean of each source pixel"})
+    out_vars.update(_image_bookkeeping(fp.reshape(ly.size, lx.size), src, grid, min_image_pixels))
+    coords = _source_coords(grid, centre, scale, lines)
+    attrs = {k: v for k, v in maps_sb.attrs.items() if k not in {"cube_wcs", "wcs"}}
+    attrs.update(image_pixel_scale_arcsec=float(lens.attrs["pixel_scale_arcsec"]),
+                 pixel_scale_arcsec=pixel, source_pixel_arcsec=pixel,
+                 kpc_per_arcsec=float(scale), subsample=int(subsample),
+                 centre_beta_arcsec=[float(centre[0]), float(centre[1])], errors=errors,
+                 lens_wcs=lens.attrs["wcs"], plane="source")
+    return xr.Dataset(out_vars, coords=coords, attrs=attrs)
+
+
+def _check_delens_inputs(maps_sb: xr.Dataset, lens: xr.Dataset, errors: str) -> None:
+    """ConfigError/InputError for an unknown error model, unscaled lens maps or another grid."""
     if errors not in {"spaxel", "independent"}:
         raise ConfigError(f"errors must be 'spaxel' or 'independent', got {errors!r}")
     if lens.attrs.get("normalisation", "source") != "source":
@@ -244,59 +282,87 @@ def delens(maps_sb: xr.Dataset, lens: xr.Dataset, *, source_pixel_arcsec: float 
     if "wcs" in maps_sb.attrs and "wcs" in lens.attrs and maps_sb.attrs["wcs"] != lens.attrs["wcs"]:
         raise InputError("line maps were rebinned onto another lens grid than these lens maps; "
                          "call rebin_to_lens_grid with the same lens")
-    ly, lx = maps_sb["ly"].values, maps_sb["lx"].values
-    pixel = float(source_pixel_arcsec or lens.attrs["pixel_scale_arcsec"])
-    scale = kpc_per_arcsec
-    if scale is None:
-        if "z_source" not in lens.attrs:
-            raise ConfigError("delens needs kpc_per_arcsec= or a lens with attrs['z_source']")
-        scale = _kpc_per_arcsec(float(lens.attrs["z_source"]))
-    bx, by = _trace_rays(lens, ly, lx, subsample)
-    s2 = subsample * subsample
-    lines = list(maps_sb["line"].values) if "line" in maps_sb.dims else [None]
-    names = _map_variables_lens(maps_sb)
-    ref_line = centre_line if centre_line in lines else lines[0]
-    ref_flux = _line_values(maps_sb, "flux" if "flux" in names else names[0], ref_line)
-    if footprint is None:
-        fp = np.isfinite(ref_flux)
-        if "snr" in maps_sb:
-            fp &= _line_values(maps_sb, "snr", ref_line) > footprint_snr
-    else:
-        fp = footprint.sel(ly=ly, lx=lx).values.astype(bool).ravel()
-    any_finite = np.zeros(ly.size * lx.size, bool)
+
+
+def _physical_scale(lens: xr.Dataset, kpc_per_arcsec: float | None) -> float:
+    """kpc per arcsec: as given, else at ``lens.attrs["z_source"]``."""
+    if kpc_per_arcsec is not None:
+        return kpc_per_arcsec
+    if "z_source" not in lens.attrs:
+        raise ConfigError("delens needs kpc_per_arcsec= or a lens with attrs['z_source']")
+    return _kpc_per_arcsec(float(lens.attrs["z_source"]))
+
+
+def _image_footprint(maps_sb: xr.Dataset, footprint: xr.DataArray | None, ref_flux: np.ndarray,
+                     ref_line, ly: np.ndarray, lx: np.ndarray, footprint_snr: float) -> np.ndarray:
+    """Flat image-plane footprint: given, else finite ``ref_line`` flux above ``footprint_snr``."""
+    if footprint is not None:
+        return footprint.sel(ly=ly, lx=lx).values.astype(bool).ravel()
+    fp = np.isfinite(ref_flux)
+    if "snr" in maps_sb:
+        fp &= _line_values(maps_sb, "snr", ref_line) > footprint_snr
+    return fp
+
+
+def _finite_pixels(maps_sb: xr.Dataset, names: list[str], n_pix: int) -> np.ndarray:
+    """Lens-grid pixels where any map variable is finite (InputError if there is none)."""
+    any_finite = np.zeros(n_pix, bool)
     for name in names:
         v = maps_sb[name]
-        any_finite |= np.isfinite(v.values.reshape(-1, ly.size * lx.size)).any(axis=0)
+        any_finite |= np.isfinite(v.values.reshape(-1, n_pix)).any(axis=0)
     if not any_finite.any():
         raise InputError("line maps: no finite pixel to de-lens (all NaN on the lens grid)")
+    return any_finite
+
+
+def _flux_weighted_centre(bx: np.ndarray, by: np.ndarray, ref_flux: np.ndarray, s2: int,
+                          pixel: float, rng_x: tuple, rng_y: tuple) -> tuple[float, float]:
+    """Source-plane centroid of the de-lensed reference flux on a provisional grid over all rays."""
+    grid0 = SourceGrid.around(((rng_x[0] + rng_x[1]) / 2, (rng_y[0] + rng_y[1]) / 2), pixel,
+                              rng_x, rng_y)
+    idx0 = grid0.index(bx, by).ravel()
+    m0, _ = _bin_mean(idx0, np.repeat(ref_flux, s2), grid0.n)
+    w = np.nan_to_num(m0).reshape(grid0.ny, grid0.nx).clip(min=0)
+    if w.sum() <= 0:
+        w = np.isfinite(m0).reshape(grid0.ny, grid0.nx).astype(float)
+    return (float(np.sum(w.sum(0) * grid0.beta_x) / w.sum()),
+            float(np.sum(w.sum(1) * grid0.beta_y) / w.sum()))
+
+
+def _centred_grid(bx: np.ndarray, by: np.ndarray, any_finite: np.ndarray, ref_flux: np.ndarray,
+                  *, s2: int, pixel: float, centre: tuple[float, float] | None,
+                  source_extent) -> tuple[SourceGrid, tuple[float, float]]:
+    """Source grid with a pixel on the galaxy centre, over all rays or ``source_extent``."""
     use = any_finite[:, None] & np.ones((1, s2), bool)
     # provisional grid over all rays, then centre on the galaxy and crop
     bxf, byf = bx[use], by[use]
     rng_x, rng_y = (bxf.min(), bxf.max()), (byf.min(), byf.max())
     if centre is None:
-        grid0 = SourceGrid.around(((rng_x[0] + rng_x[1]) / 2, (rng_y[0] + rng_y[1]) / 2), pixel,
-                                  rng_x, rng_y)
-        idx0 = grid0.index(bx, by).ravel()
-        m0, _ = _bin_mean(idx0, np.repeat(ref_flux, s2), grid0.n)
-        w = np.nan_to_num(m0).reshape(grid0.ny, grid0.nx).clip(min=0)
-        if w.sum() <= 0:
-            w = np.isfinite(m0).reshape(grid0.ny, grid0.nx).astype(float)
-        centre = (float(np.sum(w.sum(0) * grid0.beta_x) / w.sum()),
-                  float(np.sum(w.sum(1) * grid0.beta_y) / w.sum()))
+        centre = _flux_weighted_centre(bx, by, ref_flux, s2, pixel, rng_x, rng_y)
     if source_extent is not None:
         hx, hy = np.broadcast_to(np.asarray(source_extent, float), (2,))
         rng_x, rng_y = (centre[0] - hx, centre[0] + hx), (centre[1] - hy, centre[1] + hy)
-    grid = SourceGrid.around(centre, pixel, rng_x, rng_y)
-    src = grid.index(bx, by)  # (npix, s2)
-    src_flat = src.ravel()
-    group = None
-    if errors == "spaxel":
-        if "spaxel_index" in maps_sb:
-            spaxel = np.nan_to_num(maps_sb["spaxel_index"].values.ravel(), nan=-1)
-            group = np.repeat(spaxel.astype(np.int64), s2)
-        else:
-            group = np.repeat(np.arange(ly.size * lx.size), s2)
+    return SourceGrid.around(centre, pixel, rng_x, rng_y), centre
 
+
+def _noise_groups(maps_sb: xr.Dataset, errors: str, n_pix: int, s2: int) -> np.ndarray | None:
+    """Per ray, the IFU spaxel (else image pixel) sharing its noise draw; None if independent."""
+    if errors != "spaxel":
+        return None
+    if "spaxel_index" in maps_sb:
+        spaxel = np.nan_to_num(maps_sb["spaxel_index"].values.ravel(), nan=-1)
+        return np.repeat(spaxel.astype(np.int64), s2)
+    return np.repeat(np.arange(n_pix), s2)
+
+
+def _binned_variables(maps_sb: xr.Dataset, names: list[str], lines: list, src_flat: np.ndarray,
+                      group: np.ndarray | None, grid: SourceGrid, s2: int
+                      ) -> tuple[dict[str, Any], np.ndarray]:
+    """Every map variable averaged per source pixel (K20 §3.2.3), and the image pixels per mean.
+
+    Values are coverage-weighted means of the rays (:func:`_bin_mean`); ``flux_err`` is
+    the error of that mean (:func:`_bin_error`, rays of one ``group`` correlated).
+    """
     out_vars: dict[str, Any] = {}
     n_pix = np.full((len(lines), grid.ny, grid.nx), 0.0)
     flux_totals = {}
@@ -322,15 +388,12 @@ def delens(maps_sb: xr.Dataset, lens: xr.Dataset, *, source_pixel_arcsec: float 
         dims = ("line", "ys", "xs") if lines[0] is not None else ("ys", "xs")
         arr = np.stack(stack) if lines[0] is not None else stack[0]
         out_vars[name] = (dims, arr, dict(maps_sb[name].attrs))
-    if "flux" in out_vars and "flux_err" in out_vars:
-        with np.errstate(invalid="ignore", divide="ignore"):
-            out_vars["snr"] = (out_vars["flux"][0], out_vars["flux"][1] / out_vars["flux_err"][1],
-                               {"units": "", "description": "flux / flux_err in the source plane"})
-    if lines[0] is not None:
-        out_vars["n_image_pixels"] = (("line", "ys", "xs"), n_pix,
-                                      {"description": "image pixels (rays / subsample^2) in the "
-                                                      "mean of each source pixel"})
-    out_vars.update(_image_bookkeeping(fp.reshape(ly.size, lx.size), src, grid, min_image_pixels))
+    return out_vars, n_pix
+
+
+def _source_coords(grid: SourceGrid, centre: tuple[float, float], scale: float,
+                   lines: list) -> dict[str, Any]:
+    """Coordinates of the source maps: kpc and arcsec from the centre, β in the lens frame."""
     xs_arcsec = grid.beta_x - centre[0]
     ys_arcsec = grid.beta_y - centre[1]
     coords = {
@@ -343,22 +406,18 @@ def delens(maps_sb: xr.Dataset, lens: xr.Dataset, *, source_pixel_arcsec: float 
     }
     if lines[0] is not None:
         coords["line"] = np.asarray(lines)
-    attrs = {k: v for k, v in maps_sb.attrs.items() if k not in {"cube_wcs", "wcs"}}
-    attrs.update(image_pixel_scale_arcsec=float(lens.attrs["pixel_scale_arcsec"]),
-                 pixel_scale_arcsec=pixel, source_pixel_arcsec=pixel,
-                 kpc_per_arcsec=float(scale), subsample=int(subsample),
-                 centre_beta_arcsec=[float(centre[0]), float(centre[1])], errors=errors,
-                 lens_wcs=lens.attrs["wcs"], plane="source")
-    return xr.Dataset(out_vars, coords=coords, attrs=attrs)
+    return coords
 
 
 def _map_variables_lens(maps: xr.Dataset) -> list[str]:
+    """Float variables on the lens grid that are de-lensed (not snr, coverage, spaxel_index)."""
     return [name for name, v in maps.data_vars.items()
             if {"ly", "lx"} <= set(v.dims) and v.dtype.kind == "f"
             and name not in {"snr", "coverage", "spaxel_index"}]
 
 
 def _line_values(maps: xr.Dataset, name: str, line) -> np.ndarray:
+    """Flat (ly, lx) values of variable ``name`` for one line."""
     var = maps[name]
     if "line" in var.dims:
         var = var.sel(line=line)
