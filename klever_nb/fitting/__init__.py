@@ -42,10 +42,16 @@ group is strong (Gaussian-weighted, σ = 1.5 spaxels), else to ``fallback_kinema
 ``kinematics_forced`` is set, ``velocity``/``sigma`` hold the values used and their
 errors are NaN. Detection (SNR > ``detection_snr``) is then a single-trial test.
 
-Speed: the Gram matrices are accumulated sparsely (each line only over ±7σ) by a
-numba kernel when numba is importable (``USE_NUMBA``; single-threaded by default,
-``NUMBA_THREADS``), else by dense numpy matrix products; both paths give the same
-numbers (tested to 1e-9). Numbers in ``benchmarks/bench_linefit.py``.
+Speed: with numba (``USE_NUMBA``) the starting grid and Levenberg–Marquardt run per
+spaxel in compiled code (:mod:`klever_nb.fitting.vpfit`: each line only over ±7σ, the
+grid's profiles shared by all spaxels, the normal matrix from the last evaluation);
+without it the same steps run batched in numpy; both give the same numbers (tests).
+Numbers in ``benchmarks/bench_linefit.py`` and ``benchmarks/bench_fit_cli.py``.
+
+Scale: :func:`fit_cube` fits chunks of spaxels that a loader reads on demand (a cube
+from ``open_cube(path, lazy=True)`` stays on disk) and a mapper runs (here, or on a
+dask cluster: :mod:`klever_nb.fitting.parallel`); each spaxel's fit depends only on its
+data and the whole-map fallback kinematics, so the maps do not depend on the chunking.
 
 References
 ----------
@@ -55,11 +61,13 @@ K20 §3.1; FACTS.md §6 (wavelengths), §7 (ratios), §8 (R), §12 (variable pro
 # Layout (each module < 800 lines, imports in this order, no cycles):
 #   model.py     FitSettings, BandModel, build_band_model, pixel edges, ratio combos,
 #                line profiles, units and input checks
+#   vpfit.py     the compiled per-spaxel twin of the grid + Levenberg-Marquardt (numba)
 #   kernel.py    numba kernel (USE_NUMBA, NUMBA_PARALLEL, NUMBA_THREADS), numpy Gram and
 #                Jacobian products, variable-projection evaluation, Levenberg-Marquardt,
 #                covariance
 #   cube.py      the two fit passes, fit_cube, fit_spectrum, continuum_image, outputs
 #                to a Dataset, Monte Carlo, model cube
+#   parallel.py  dask_mapper: chunk tasks on a dask.distributed cluster
 #   reference.py fit_spectrum_reference (the slow scipy twin)
 #   galaxy.py    refine_redshift, fit_galaxy, band merging
 #

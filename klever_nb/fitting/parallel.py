@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import warnings
 from collections.abc import Iterator
 
 from klever_nb.errors import InputError, KleverError
@@ -43,9 +44,10 @@ def dask_mapper(scheduler: str, *, workers: int | None = None, progress: bool = 
     config = {"distributed.scheduler.allowed-failures": allowed_failures} \
         if allowed_failures is not None else {}
     cluster = None
-    with dask.config.set(config):
+    with dask.config.set(config), warnings.catch_warnings():
         try:
             if scheduler == "local":
+                warnings.filterwarnings("ignore", message=".*already in use")  # port 8787
                 cluster = LocalCluster(n_workers=int(workers or 2), threads_per_worker=1,
                                        processes=True, dashboard_address=None,
                                        silence_logs=50)
