@@ -49,6 +49,13 @@ def _add_run(sub) -> None:
     p.add_argument("--method", choices=["default", "k20"], default=None,
                    help="k20: the paper's estimators everywhere (μ(Hα) image/source flux, "
                    "source PSF from the seeing alone); overrides [analysis] method")
+    _add_sandbox(p)
+
+
+def _add_sandbox(p) -> None:
+    p.add_argument("--sandbox", type=Path, default=None, metavar="ROOT",
+                   help="refuse any input path (after resolving .. and links) outside ROOT "
+                   "(servers that run uploaded galaxy files)")
 
 
 def _add_fit(sub) -> None:
@@ -93,6 +100,7 @@ def _add_sample(sub) -> None:
     p.add_argument("--method", choices=["default", "k20"], default=None,
                    help="overrides [analysis] method of every galaxy")
     p.add_argument("--force", action="store_true", help="rerun stages even if up to date")
+    _add_sandbox(p)
 
 
 def _add_figures(sub) -> None:
@@ -168,7 +176,7 @@ def _cmd_run(args) -> int:
     from klever_nb import pipeline
 
     summary_path = pipeline.run_galaxy(args.galaxy, args.out, force=args.force,
-                                       method=args.method)
+                                       method=args.method, sandbox=args.sandbox)
     print(f"products: {summary_path.parent}")
     return 0
 
@@ -205,6 +213,21 @@ def _cmd_sample(args) -> int:
 
     if args.workers < 1:
         raise KleverError(f"--workers must be >= 1, got {args.workers}")
+    if args.sandbox is not None:  # every galaxy file and its inputs below ROOT
+        from klever_nb.config import ConfigError, check_sandbox, load_galaxy, load_sample
+
+        root = args.sandbox.resolve()
+        if not args.sample.resolve().is_relative_to(root):
+            raise ConfigError(f"{args.sample}: the sample file lies outside the sandbox {root}")
+        for galaxy in load_sample(args.sample):
+            if not galaxy.is_relative_to(root):
+                raise ConfigError(f"{args.sample}: galaxy file {galaxy} lies outside the "
+                                  f"sandbox {root}")
+            try:
+                cfg = load_galaxy(galaxy)
+            except ConfigError:
+                continue  # an invalid galaxy is reported (and skipped) by the sample run
+            check_sandbox(cfg, root)
 
     def report(line: str) -> None:
         print(f"klever-nb sample: {line}", file=sys.stderr, flush=True)

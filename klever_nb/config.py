@@ -290,13 +290,17 @@ def _parse_lens(table: Any, path: Path, redshift: float) -> LensConfig:
     return LensConfig(**values)
 
 
-def load_galaxy(path: str | Path) -> GalaxyConfig:
+def load_galaxy(path: str | Path, *, sandbox: str | Path | None = None) -> GalaxyConfig:
     """Read and validate a galaxy TOML file (DESIGN.md "Galaxy file").
 
     Parameters
     ----------
     path : str or Path
         The galaxy file; relative paths inside it are relative to its folder.
+    sandbox : str or Path, optional
+        A folder the galaxy file and every path in it (after resolving ``..`` and symbolic
+        links) must lie below (``klever-nb run --sandbox ROOT``, for servers that run
+        uploaded files).
 
     Raises
     ------
@@ -350,9 +354,28 @@ def load_galaxy(path: str | Path) -> GalaxyConfig:
     ifu = data.get("ifu")
     if ifu is not None and (isinstance(ifu, bool) or not isinstance(ifu, int) or ifu < 1):
         raise ConfigError(f"{path}: ifu must be a positive integer, got {ifu!r}")
-    return GalaxyConfig(name=name, redshift=redshift, instrument=instrument, cubes=cubes,
-                        psf_fwhm_arcsec=psf, path=path, lens=lens, properties=props,
-                        analysis=analysis, ifu=ifu)
+    cfg = GalaxyConfig(name=name, redshift=redshift, instrument=instrument, cubes=cubes,
+                       psf_fwhm_arcsec=psf, path=path, lens=lens, properties=props,
+                       analysis=analysis, ifu=ifu)
+    if sandbox is not None:
+        check_sandbox(cfg, sandbox)
+    return cfg
+
+
+def check_sandbox(cfg: GalaxyConfig, root: str | Path) -> None:
+    """Raise :class:`ConfigError` when a path of ``cfg`` (resolved) is not below ``root``."""
+    root = Path(root).resolve()
+    if not root.is_dir():
+        raise ConfigError(f"--sandbox {root}: not a folder")
+    named = [("galaxy file", cfg.path)] + [(f"cubes.{b}", p) for b, p in cfg.cubes.items()]
+    if cfg.lens is not None:
+        named += [(f"lens.{key}", getattr(cfg.lens, key)) for key in
+                  ("deflection_x", "deflection_y", "kappa", "gamma", "hst_image")]
+        named += [("lens.models", folder) for folder in cfg.lens.models]
+    for key, value in named:
+        if value is not None and not Path(value).resolve().is_relative_to(root):
+            raise ConfigError(f"{cfg.path}: {key} = {str(value)!r} lies outside the sandbox "
+                              f"{root}; keep every input below it")
 
 
 def load_sample(path: str | Path) -> list[Path]:

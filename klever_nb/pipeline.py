@@ -200,13 +200,19 @@ _WRITE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQ
 
 
 def _write_dataset(ds: xr.Dataset, path: Path, stage_hash: str) -> None:
+    from klever_nb import provenance
+
     ds = ds.copy()
     ds.attrs.update(input_hash=stage_hash, klever_nb_version=__version__)
+    record = provenance.read_record(path.parent)  # settings, versions, input SHA-256s
+    if record is not None:
+        ds.attrs["provenance"] = record
     write_netcdf(ds, path)
 
 
 def run_galaxy(config_path: str | Path, out_dir: str | Path, *, force: bool = False,
-               progress: bool | None = None, method: str | None = None) -> Path:
+               progress: bool | None = None, method: str | None = None,
+               sandbox: str | Path | None = None) -> Path:
     """Run every stage on one galaxy; return the path of its ``summary.json``.
 
     Parameters
@@ -216,18 +222,21 @@ def run_galaxy(config_path: str | Path, out_dir: str | Path, *, force: bool = Fa
     out_dir : str or Path
         Products go to ``out_dir/<name>/``.
     force : bool
-        Recompute every stage even when its product is up to date.
+        Recompute every stage even when its product is up to date, and replace products
+        made with other settings (without it such a folder is refused, issue 18).
     progress : bool or None
         Show a progress bar (default: only on a terminal).
     method : {"default", "k20"}, optional
         Overrides ``[analysis] method`` (``klever-nb run --method``): ``"k20"`` reproduces
         the paper's estimators everywhere.
+    sandbox : str or Path, optional
+        Every path of the galaxy file must lie below this folder (``--sandbox``).
     """
     from dataclasses import replace
 
     from tqdm.auto import tqdm
 
-    cfg = load_galaxy(config_path)
+    cfg = load_galaxy(config_path, sandbox=sandbox)
     if method is not None:
         if method not in METHODS:
             raise ConfigError(f"method: must be one of {', '.join(METHODS)}, got {method!r}")
@@ -242,6 +251,15 @@ def run_galaxy(config_path: str | Path, out_dir: str | Path, *, force: bool = Fa
     products = Path(out_dir) / cfg.name
     with _writing(products):
         products.mkdir(parents=True, exist_ok=True)
+    from klever_nb import provenance
+
+    record = provenance.record(asdict(settings), [(str(p), _file_fingerprint(p))
+                                                  for p in galaxy_input_files(cfg)])
+    provenance.check_settings(products, record, force=force)  # no mixing unless --force
+    with _writing(products):
+        write_json(record, products / provenance.RECORD_NAME)
+        for tmp in products.glob(".*.tmp"):  # left by a killed writer (atomic_path)
+            tmp.unlink(missing_ok=True)
     base_hash = galaxy_hash(cfg)
     stages = ["line fitting", "source plane", "metallicity", "gradient"]
     bar = tqdm(total=len(stages), desc=cfg.name, disable=(None if progress is None
@@ -253,7 +271,9 @@ def run_galaxy(config_path: str | Path, out_dir: str | Path, *, force: bool = Fa
     def write_fit(result: StageResult) -> None:
         _write_dataset(result.data, products / "line_maps.nc", stage_hash("fit"))
         shifts = json.loads(result.data.attrs.get("alignment_shifts", "{}"))
-        write_netcdf(_aligned_cubes(tree, shifts), products / "cubes_aligned.nc")
+        aligned = _aligned_cubes(tree, shifts)
+        aligned.attrs.update(input_hash=stage_hash("fit"), provenance=record)
+        write_netcdf(aligned, products / "cubes_aligned.nc")
 
     fit = _run_stage(products, "fit", stage_hash("fit"), force,
                      compute=lambda: _fit_stage(tree, cfg), write=write_fit,
@@ -292,6 +312,7 @@ def run_galaxy(config_path: str | Path, out_dir: str | Path, *, force: bool = Fa
     summary["properties"] = cfg.properties
     summary["settings"] = asdict(settings)
     summary["versions"] = _versions()
+    summary["inputs"] = record["inputs"]  # SHA-256 of every input file
     with _writing(products):
         return write_json(summary, products / "summary.json")
 

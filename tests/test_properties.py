@@ -48,7 +48,8 @@ TOML_EXAMPLES = int(os.environ.get("KLEVER_NB_PROPERTY_EXAMPLES", "150"))
 SETTINGS = dict(deadline=5000, database=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
-OUTCOMES: dict[str, Counter] = {"open_cube": Counter(), "load_galaxy": Counter()}
+OUTCOMES: dict[str, Counter] = {"open_cube": Counter(), "open_cube_lazy": Counter(),
+                                "load_galaxy": Counter()}
 
 # ---------------------------------------------------------------------------
 # Cubes
@@ -252,7 +253,7 @@ def _usable(case: dict, written: dict) -> np.ndarray:
     return ok
 
 
-def check_cube(case: dict) -> str:
+def check_cube(case: dict, lazy: bool = False) -> str:
     """Run one case; return the outcome ('result' or 'error'); assert it is a correct one."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "cube.fits"
@@ -260,7 +261,8 @@ def check_cube(case: dict) -> str:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                cube = open_cube(path)
+                cube = open_cube(path, lazy=lazy)
+                cube.load()
         except KleverError as err:
             message = str(err)
             assert "\n" not in message and str(path) in message, message
@@ -310,6 +312,18 @@ def test_open_cube_gives_a_correct_dataset_or_one_clear_error(case):
         OUTCOMES["open_cube"]["other"] += 1
         raise
     OUTCOMES["open_cube"][outcome] += 1
+
+
+@settings(max_examples=max(CUBE_EXAMPLES // 2, 10), **SETTINGS)
+@given(cube_cases())
+def test_lazy_open_cube_gives_a_correct_dataset_or_one_clear_error(case):
+    """The memory-mapped reader of large cubes (``lazy=True``) keeps the same promise."""
+    try:
+        outcome = check_cube(case, lazy=True)
+    except Exception:
+        OUTCOMES["open_cube_lazy"]["other"] += 1
+        raise
+    OUTCOMES["open_cube_lazy"][outcome] += 1
 
 
 @pytest.mark.parametrize("noise_mode", ["zero", "negative", "nan"])
@@ -487,9 +501,9 @@ def test_zz_outcome_table():
     table = {name: {"tried": sum(c.values()), "clear_error": c["error"],
                     "correct_result": c["result"], "anything_else": c["other"]}
              for name, c in OUTCOMES.items()}
-    lines = [f"{'reader':<12} {'tried':>6} {'error':>6} {'result':>7} {'other':>6}"]
+    lines = [f"{'reader':<15} {'tried':>6} {'error':>6} {'result':>7} {'other':>6}"]
     for name, row in table.items():
-        lines.append(f"{name:<12} {row['tried']:>6} {row['clear_error']:>6} "
+        lines.append(f"{name:<15} {row['tried']:>6} {row['clear_error']:>6} "
                      f"{row['correct_result']:>7} {row['anything_else']:>6}")
     print("\n" + "\n".join(lines))
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
