@@ -35,99 +35,92 @@ def code(text: str) -> nbformat.NotebookNode:
 # ---------------------------------------------------------------------------
 # 00 quickstart
 # ---------------------------------------------------------------------------
+PAPER = ("[Curti et al. 2020, MNRAS 492, 821 (K20)](https://doi.org/10.1093/mnras/stz3379) "
+         "(DOI 10.1093/mnras/stz3379)")
+
+#: The Binder note every notebook ends on (issue 17: one kernel at a time).
+SHUTDOWN = md("""
+---
+**Before the next notebook**: *Kernel → Shut Down Kernel* (or close the tab and choose
+"shut down"). JupyterLab keeps every kernel alive, and on Binder (2 GB) a few idle kernels
+are enough to run out of memory. The demo galaxies are cached on disk
+(`klever_nb.demo`), so reopening a notebook costs seconds, not a rerun.
+""")
+
 QUICKSTART = [
+    md(r"""
+# klever_nb quickstart: a metallicity gradient and how far to trust it
+
+This notebook reproduces, on a **mock** lensed galaxy whose true answer is known, the measurement
+at the heart of PAPER_LINK: the radial gradient of the gas-phase metallicity 12 + log(O/H) of a
+z ≈ 1.4 galaxy magnified by a foreground lens, from KMOS near-infrared integral-field cubes.
+
+**Terms used below**
+
+* **R3, N2, S2, O3O2**: strong-line ratios, R3 = [OIII]λ5007/Hβ, N2 = [NII]λ6584/Hα,
+  S2 = [SII]λλ6717,6731/Hα, O3O2 = [OIII]λ5007/[OII]λλ3727,3729.
+* **C20**: the calibrations of these ratios against metallicity by Curti et al. 2020a
+  (polynomials in x = 12 + log(O/H) − 8.69 with an intrinsic scatter σ_R each).
+* **μ(Hα)**: the magnification, lensed over intrinsic Hα flux.
+* **Resolution class** (K20 §4.2): *resolved* if metallicities reach at least twice the PSF
+  size √(HWHM_x · HWHM_y) in the source plane, *marginal* between one and two, else *unresolved*.
+
+The metallicity of each pixel is the posterior of K20 eq. (1) (ratios in log), with a flat prior:
+
+$$
+\chi^2(x) = \sum_i \frac{\left(R^{\rm obs}_i - R^{\rm exp}_i(x)\right)^2}
+                        {\sigma^2_{{\rm obs},i} + \sigma^2_{R_i}},
+\qquad P(x \mid R^{\rm obs}) \propto e^{-\chi^2(x)/2},
+$$
+
+where $R^{\rm obs}_i$ is an observed ratio, $R^{\rm exp}_i(x)$ the C20 calibration at
+metallicity $x$, σ_obs its measurement error and σ_R the calibration's scatter.
+""".replace("PAPER_LINK", PAPER)),
     md("""
-# klever_nb quickstart: from cubes to a metallicity gradient in one call
+## 1. The demo galaxy (analysed once, then read from disk)
 
-This notebook makes a mock lensed galaxy observed with KMOS (three bands, known truth),
-writes it as real FITS files with a galaxy TOML, runs the whole analysis of
-Curti et al. 2020 (K20) with `klever_nb.pipeline.run_galaxy`, and looks at the products:
-line maps, source-plane maps, the metallicity map and the radial gradient.
-
-Everything runs on the embedded mock data; nothing is downloaded.
+`klever_nb.demo.demo_galaxy()` writes the mock's KMOS cubes, lens maps and galaxy TOML, and runs
+the whole pipeline (`klever-nb run galaxy.toml`: line fitting → source plane → dust and
+metallicity → gradient) **once**, in a separate process, into a cache folder that every notebook
+shares. The first time takes 30–60 s (a progress bar shows the stages); afterwards a few seconds.
 """),
     code("""
-import json
-import tempfile
-from pathlib import Path
+from klever_nb import demo
+from klever_nb.widgets import QuickstartPanel
 
-import matplotlib.pyplot as plt
-import numpy as np
-import xarray as xr
-
-from klever_nb import mock, pipeline
-from klever_nb.io import read_netcdf
-
-workdir = Path(tempfile.mkdtemp(prefix="klever_quickstart_"))
-"""),
-    md("""
-## 1. A mock galaxy written as real input files
-
-`demo_specs()` lists the demo sample; the first is a z = 1.4 galaxy behind an SIE + shear lens.
-`write_mock` writes its KMOS-like cubes (`DATA`/`NOISE` extensions), the deflection maps,
-the galaxy TOML and the truth.
-"""),
-    code("""
-spec = mock.demo_specs()[0]
-galaxy = mock.make_mock(spec)
-toml_path = mock.write_mock(galaxy, workdir / spec.name)
-print(toml_path.read_text())
-"""),
-    md("""
-## 2. Run every stage
-
-Line fitting (§3.1) → source plane (§3.2) → dust and metallicity (§3.3–3.4) → gradient (§4.2).
-The same call is `klever-nb run galaxy.toml --out DIR` on the command line.
-"""),
-    code("""
-summary_path = pipeline.run_galaxy(toml_path, workdir / "products", progress=False)
-summary = json.loads(summary_path.read_text())
-products = summary_path.parent
-print(sorted(p.name for p in products.iterdir()))
-{key: summary.get(key) for key in ("name", "redshift", "mu_halpha", "global_oh",
-                                   "gradient_dex_per_kpc", "gradient_err", "resolved")}
+galaxy = demo.demo_galaxy(0)          # lensed, z = 1.4, known truth
+print("products in", galaxy.products)
+{key: galaxy.summary[key] for key in ("redshift", "mu_halpha", "global_oh", "resolved")}
 """),
     md("""
-## 3. Look at the products
+## 2. The K20 Fig. 7 panel, with the truth
 
-Every product is a netCDF file that `xarray` opens as it was computed. The image-plane
-Hα flux map, the source-plane Hα map and the metallicity map:
+Left to right: the source-plane Hα map, the metallicity map with the elliptical annuli (shaped
+like the source-plane PSF, grey ellipse) and the radial profile: annuli (black), the paper's
+straight-line fit (red), the forward model (blue dashed), the PSF size (blue vertical line), the
+integrated metallicity (lime) and the **mock's true gradient (green dotted)**.
+
+**Touch the slider**: it sets the annulus width in units of the PSF (K20 use 0.5). Narrower
+annuli do not beat the PSF: neighbouring annuli share the same blurred pixels.
+The sentence under the figure is computed from the numbers shown.
 """),
     code("""
-line_maps = read_netcdf(products / "line_maps.nc")
-source_maps = read_netcdf(products / "source_maps.nc")
-metallicity = read_netcdf(products / "metallicity.nc")
-line_maps
-"""),
-    code("""
-fig, axes = plt.subplots(1, 3, figsize=(13, 4))
-line_maps["flux"].sel(line="Halpha").plot.imshow(ax=axes[0], origin="lower", cmap="viridis",
-                                                  robust=True)
-axes[0].set_title("image plane Hα flux")
-source_maps["flux"].sel(line="Halpha").plot.imshow(ax=axes[1], origin="lower", cmap="viridis",
-                                                    robust=True)
-axes[1].set_title("source plane Hα")
-metallicity["oh"].plot.imshow(ax=axes[2], origin="lower", cmap="RdYlBu_r")
-axes[2].set_title("12 + log(O/H)")
-fig.tight_layout()
+panel = QuickstartPanel(galaxy)
+panel
 """),
     md("""
-## 4. The gradient against the truth
-
-The mock knows the metallicity gradient it was built with; `summary.json` holds the measured one
-(the paper's annuli method, and the forward-modelled one).
+The same from code (every control has a code twin), and the figure saved for a paper:
 """),
     code("""
-profile = np.genfromtxt(products / "profile.csv", delimiter=",", names=True)
-print("true gradient      :", galaxy.truth["gradient_dex_per_kpc"], "dex/kpc")
-print("paper's method     :", summary.get("gradient_dex_per_kpc"), "±", summary.get("gradient_err"))
-print("forward model      :", summary.get("gradient_forward_dex_per_kpc"), "±",
-      summary.get("gradient_forward_err"))
-fig, ax = plt.subplots(figsize=(5, 3.5))
-ax.errorbar(profile["radius_kpc"], profile["oh"], profile["oh_err"], fmt="o")
-ax.set_xlabel("radius [kpc]")
-ax.set_ylabel("12 + log(O/H)")
+print(panel.verdict)
+panel.savefig("quickstart_fig7.png")
 """),
+    md("""
+**Next**: `01_line_fitting` (how the line maps are made), `02_lens_reconstruction` (the source
+plane and μ), `03_metallicity_mcmc` (eq. (1) pixel by pixel), `04_gradients_and_2d_maps`
+(annuli, beam smearing and the forward model), and the exercises in `workshop/`.
+"""),
+    SHUTDOWN,
 ]
 
 
@@ -440,7 +433,8 @@ import warnings
 import matplotlib.pyplot as plt
 import numpy as np
 
-from klever_nb import fitting, forward_gradient, gradients, lensing, metallicity, mock
+from klever_nb import fitting, gradients, lensing, metallicity, mock
+from klever_nb.gradients import forward as forward_gradient
 from klever_nb.widgets import GradientExplorer
 
 spec = mock.demo_specs()[0]               # lensed z = 1.4, true gradient -0.04 dex/kpc

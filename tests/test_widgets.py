@@ -574,3 +574,64 @@ def test_metallicity_explorer_works_on_source_plane_maps_in_kpc(source_metallici
         "click_x": float(source["xs"].values[x]), "click_y": float(source["ys"].values[y])}})
     assert ex.selected_pixel == (y, x)
     assert ex.pixel_posterior()["oh"] == pytest.approx(float(oh["oh"].values[y, x]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Export: savefig(path) and the "Save figure" button of every explorer (issue 17)
+# ---------------------------------------------------------------------------------------------
+def _export_checks(ex, tmp_path):
+    """savefig writes PNG/PDF of the static figure; the button writes the file its box names."""
+    from PIL import Image
+
+    png = ex.savefig(tmp_path / "view.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = Image.open(png).size
+    assert width > 400 and height > 200
+    pdf = ex.savefig(tmp_path / "view.pdf")
+    assert pdf.read_bytes()[:5] == b"%PDF-"
+    with pytest.raises(ValueError, match="png or .pdf"):
+        ex.savefig(tmp_path / "view.svg")
+    row = ex._ui["export"]
+    assert row in ex.widget.children
+    name, button, message = row.children
+    name.value = str(tmp_path / "button.pdf")
+    button.click()
+    assert (tmp_path / "button.pdf").read_bytes()[:5] == b"%PDF-"
+    assert "saved" in message.value
+    name.value = str(tmp_path / "bad.txt")
+    button.click()
+    assert "png or .pdf" in message.value
+    import matplotlib.pyplot as plt
+
+    assert not plt.get_fignums(), "savefig leaves no figure open"
+
+
+def test_line_fit_explorer_exports_its_view(explorer, tmp_path):
+    explorer.select(12, 10)
+    _export_checks(explorer, tmp_path)
+
+
+def test_lens_explorer_exports_its_view(lens_explorer, tmp_path):
+    _export_checks(lens_explorer, tmp_path)
+
+
+def test_metallicity_explorer_exports_its_view(metal_explorer, tmp_path):
+    _export_checks(metal_explorer, tmp_path)
+
+
+def test_gradient_explorer_exports_its_view(gradient_explorer, tmp_path):
+    _export_checks(gradient_explorer, tmp_path)
+
+
+def test_static_fallback_is_the_saved_figure(explorer, tmp_path):
+    """The PNG of the fallback bundle and savefig draw the same figure (same function)."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    explorer.select(3, 4)
+    bundle = explorer._repr_mimebundle_()
+    fallback = Image.open(io.BytesIO(base64.b64decode(bundle["image/png"])))
+    saved = Image.open(explorer.savefig(tmp_path / "v.png", dpi=80))
+    assert abs(fallback.size[0] - saved.size[0]) <= 2 and abs(fallback.size[1] - saved.size[1]) <= 2

@@ -9,5 +9,7 @@ from klever_nb.widgets.gradients import GradientExplorer
 from klever_nb.widgets.lens import LensExplorer
 from klever_nb.widgets.linefit import LineFitExplorer
 from klever_nb.widgets.metallicity import MetallicityExplorer
+from klever_nb.widgets.quickstart import QuickstartPanel
 
-__all__ = ["GradientExplorer", "LensExplorer", "LineFitExplorer", "MetallicityExplorer"]
+__all__ = ["GradientExplorer", "LensExplorer", "LineFitExplorer", "MetallicityExplorer",
+           "QuickstartPanel"]

@@ -226,10 +226,66 @@ class ExplorerBase(traitlets.HasTraits):
 
     @property
     def widget(self):
-        """The ipywidgets container (built on first use by the subclass's ``_build_ui``)."""
+        """The ipywidgets container (built on first use by the subclass's ``_build_ui``).
+
+        Every explorer ends on an export row (a file name and a "save" button calling
+        :meth:`savefig`), added here once for all of them.
+        """
         if self._ui is None:
             self._build_ui()
+            box = self._ui["box"]
+            export = self._export_row()
+            box.children = (*box.children, export)
+            self._ui["export"] = export
         return self._ui["box"]
+
+    #: Default file name of the export row (its extension picks PNG or PDF).
+    export_name = traitlets.Unicode("")
+
+    def savefig(self, path, *, dpi: int = 150):
+        """Save the current view (the :meth:`static_figure`, same content) as PNG or PDF.
+
+        The format follows the extension of ``path`` (``.png`` or ``.pdf``); the
+        bqplot view is not screenshotted (bqplot#963): matplotlib draws the same state.
+        Returns the path written.
+        """
+        from pathlib import Path
+
+        import matplotlib.pyplot as plt
+
+        path = Path(path)
+        suffix = path.suffix.lower()
+        if suffix not in (".png", ".pdf"):
+            raise ValueError(f"{path}: savefig writes .png or .pdf, not {suffix or 'no suffix'!r}")
+        fig = self.static_figure()
+        try:
+            fig.savefig(path, format=suffix[1:], dpi=dpi, bbox_inches="tight")
+        finally:
+            plt.close(fig)
+        return path
+
+    def _export_row(self):
+        import ipywidgets as w
+
+        default = self.export_name or f"{type(self).__name__.lower()}.png"
+        name = w.Text(value=default, description="save as", tooltip="a .png or .pdf file name",
+                      layout={"width": "300px"})
+        button = w.Button(description="Save figure", icon="download",
+                          tooltip="save the current view as PNG/PDF (matplotlib)",
+                          layout={"width": "130px"})
+        message = w.HTML("")
+
+        def on_click(_):
+            try:
+                written = self.savefig(name.value)
+                message.value = f"saved <code>{written}</code>"
+            except (ValueError, OSError) as err:
+                message.value = f"<span style='color:#b00'>{err}</span>"
+
+        button.on_click(on_click)
+        row = w.HBox([name, button, message])
+        row.add_class("klever-export")
+        return row
 
     def _build_ui(self) -> None:  # pragma: no cover - overridden
         raise NotImplementedError
