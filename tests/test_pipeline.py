@@ -147,3 +147,17 @@ def test_a_stage_whose_record_is_stale_or_missing_is_recomputed(runs):
     assert after["metallicity.nc"] != before["metallicity.nc"]
     assert after["line_maps.nc"] == before["line_maps.nc"]
     assert json.loads(record.read_text())["input_hash"] == data["input_hash"]
+
+
+def test_products_get_the_usual_permissions(tmp_path):
+    """Atomic writes go through mkstemp (0600); the product itself is 0666 & ~umask."""
+    import os
+
+    from klever_nb.io import write_text
+
+    umask = os.umask(0o022)
+    try:
+        path = write_text("x\n", tmp_path / "a.txt")
+    finally:
+        os.umask(umask)
+    assert (path.stat().st_mode & 0o777) == 0o644
