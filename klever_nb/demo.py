@@ -182,6 +182,27 @@ class DemoGalaxy:
         """Source-plane metallicity map (``metallicity.nc``)."""
         return self._read("metallicity.nc")
 
+    @property
+    def redshift(self) -> float:
+        return float(self.summary["redshift"])
+
+    @property
+    def cube_paths(self) -> dict[str, Path]:
+        """The mock's FITS cubes by band (KMOS layout, as a user's own files)."""
+        from klever_nb.config import load_galaxy
+
+        return dict(load_galaxy(self.toml_path).cubes)
+
+    @property
+    def cubes(self):
+        """Every band's cube as a DataTree (``/YJ``, ``/H``, ``/K``), read from the FITS files."""
+        from klever_nb import pipeline
+        from klever_nb.config import load_galaxy
+
+        if "cubes" not in self._cache:
+            self._cache["cubes"] = pipeline.read_galaxy_cubes(load_galaxy(self.toml_path))
+        return self._cache["cubes"]
+
     @cached_property
     def psf(self) -> dict[str, float]:
         """The source-plane PSF of the annuli (:func:`klever_nb.lensing.annulus_psf`)."""

@@ -144,11 +144,11 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 
-from klever_nb import fitting, mock
+from klever_nb import demo, fitting
 from klever_nb.io import open_cube
 from klever_nb.widgets import LineFitExplorer
 
-galaxy = mock.make_mock(mock.demo_specs()[0])
+galaxy = demo.demo_galaxy(0)     # the cached demo galaxy (see 00_quickstart)
 galaxy.cubes
 """),
     md("""
@@ -158,7 +158,7 @@ galaxy.cubes
 `velocity`, `sigma`, `snr`, `detected`, `fit_ok`, ...
 """),
     code("""
-redshift = galaxy.spec.redshift
+redshift = galaxy.redshift
 h_band = galaxy.cubes["H"].to_dataset()
 maps = fitting.fit_cube(h_band, redshift=redshift)
 maps[["flux", "flux_err", "velocity", "sigma", "snr"]]
@@ -194,13 +194,12 @@ fig = explorer.static_figure()   # the matplotlib twin, e.g. for a paper or a PD
 
 `klever_nb.io.open_cube` reads KMOS, SINFONI, MUSE, JWST NIRSpec/MIRI, IRAF-style and MaNGA
 cubes into the same Dataset (wavelengths in vacuum µm, noise as 1σ, masks as NaN).
-Here we write the mock's K band to a FITS file (KMOS layout) and read it back as a user
-would read their own cube.
+Here we read the demo galaxy's H-band FITS file (KMOS layout) as a user would read their
+own cube.
 """),
     code("""
 fits_dir = Path(tempfile.mkdtemp(prefix="klever_byoc_"))
-mock.write_mock(galaxy, fits_dir)
-cube_path = sorted((fits_dir / "cubes").glob("*_H.fits"))[0]
+cube_path = galaxy.cube_paths["H"]
 cube = open_cube(cube_path)
 cube
 """),
@@ -237,6 +236,7 @@ fig, ax = plt.subplots(figsize=(4, 3.6))
 combined["coverage"].plot.imshow(ax=ax, origin="lower", cmap="viridis")
 ax.set_title("exposures per spaxel")
 """),
+    SHUTDOWN,
 ]
 
 
@@ -341,6 +341,7 @@ print({k: explorer.summary[k] for k in ("mu_halpha", "mu_halpha_err", "mu_maps",
                                          "mu_maps_spread")})
 fig = explorer.static_figure()
 """),
+    SHUTDOWN,
 ]
 
 
@@ -362,12 +363,12 @@ enough and with the global E(B−V) elsewhere; AGN-like pixels in the BPT diagra
 import matplotlib.pyplot as plt
 import numpy as np
 
-from klever_nb import fitting, metallicity, mock
+from klever_nb import demo, metallicity
 from klever_nb.widgets import MetallicityExplorer
 
-galaxy = mock.make_mock(mock.demo_specs()[1])     # unlensed, z = 2.2: [OII] ... [SII]
-redshift = galaxy.spec.redshift
-line_maps, integrated = fitting.fit_galaxy(galaxy.cubes, redshift=redshift)
+galaxy = demo.demo_galaxy(1)     # cached demo galaxy: unlensed, z = 2.2, [OII] ... [SII]
+redshift = galaxy.redshift
+line_maps = galaxy.line_maps     # fitted once by the pipeline (fitting.fit_galaxy), from disk
 list(line_maps["line"].values)
 """),
     md("""
@@ -410,6 +411,7 @@ print(f"grid: {post['oh']:.3f} [{post['oh_lo']:.3f}, {post['oh_hi']:.3f}]; "
       f"{post['emcee']['oh_hi']:.3f}]")
 fig = explorer.static_figure()
 """),
+    SHUTDOWN,
 ]
 
 
@@ -428,29 +430,13 @@ independent. The 2-D analysis subtracts the radial model and fits a plane to fin
 the steepest gradient.
 """),
     code("""
-import warnings
-
-import matplotlib.pyplot as plt
-import numpy as np
-
-from klever_nb import fitting, gradients, lensing, metallicity, mock
-from klever_nb.gradients import forward as forward_gradient
+from klever_nb import demo, gradients
 from klever_nb.widgets import GradientExplorer
 
-spec = mock.demo_specs()[0]               # lensed z = 1.4, true gradient -0.04 dex/kpc
-galaxy = mock.make_mock(spec)
-line_maps, integrated = fitting.fit_galaxy(galaxy.cubes, redshift=spec.redshift)
-line_maps = line_maps[["flux", "flux_err", "snr", "fit_ok"]]   # what the source plane needs
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore", lensing.NearCriticalWarning)
-    source, lens_summary = lensing.reconstruct_source_plane(
-        line_maps, galaxy.lens_maps, redshift=spec.redshift,
-        cube_wcs=galaxy.cubes["H"].attrs["wcs"],
-        psf_fwhm_arcsec=lensing.maps_psf_fwhm_arcsec(spec.psf_fwhm_arcsec, line_maps),
-        forward_iterations=0)
-oh_map = metallicity.metallicity_map(source, redshift=spec.redshift)
-global_oh = float(metallicity.metallicity_map(integrated, redshift=spec.redshift)["oh"])
-psf = lensing.annulus_psf(lens_summary)
+galaxy = demo.demo_galaxy(0)         # cached: lensed z = 1.4, true gradient -0.04 dex/kpc
+oh_map = galaxy.metallicity          # source-plane 12+log(O/H) (metallicity.metallicity_map)
+psf = galaxy.psf                     # source-plane PSF (lensing.annulus_psf of the lens stage)
+global_oh = galaxy.summary["global_oh"]
 psf
 """),
     md("""
@@ -467,26 +453,19 @@ profile[["radius_kpc", "oh", "oh_err", "n_pixels"]].to_dataframe()
 ## 2. Beyond the paper: the forward-modelled gradient
 
 A source-plane disc with a linear gradient and calibration line ratios is lensed, blurred by the
-PSF and rebinned to the IFU pixels by the lensing stage's linear operator (here on a 0.1″ source
-grid), and compared with the observed line maps, whose noise is independent (emcee).
+PSF and rebinned to the IFU pixels by the lensing stage's linear operator, and compared with the
+observed line maps, whose noise is independent (emcee). The pipeline ran it
+(`klever_nb.gradients.forward.fit_forward_gradient`, ~20 s and ~300 MB, so it is read here from
+the cached `summary.json` rather than rerun; `pipeline._forward_gradient` shows the call).
 """),
     code("""
-cube_wcs = galaxy.cubes["H"].attrs["wcs"]
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore", lensing.NearCriticalWarning)
-    coarse, _ = lensing.reconstruct_source_plane(
-        line_maps, galaxy.lens_maps, redshift=spec.redshift, cube_wcs=cube_wcs,
-        psf_fwhm_arcsec=spec.psf_fwhm_arcsec, source_pixel_arcsec=0.1, forward_iterations=0)
-lens_at_source = lensing.rescale_lens(lensing.as_lens_grid(galaxy.lens_maps),
-                                      z_lens=spec.z_lens, z_source=spec.redshift)
-operator, source_grid = forward_gradient.lens_forward_from_lensing(
-    lens_at_source, source_maps=coarse, psf_fwhm_arcsec=spec.psf_fwhm_arcsec,
-    ifu_wcs=cube_wcs, ifu_shape=galaxy.spec.shape)
-forward = forward_gradient.fit_forward_gradient(
-    line_maps, lens_forward=operator, source_grid_kpc=source_grid, diagnostics=("R3", "N2"),
-    nsteps=800)
+s = galaxy.summary
+forward = {"gradient_dex_per_kpc": s["gradient_forward_dex_per_kpc"],
+           "gradient_err": s["gradient_forward_err"], "central_oh": s["central_forward_oh"],
+           "converged": s["gradient_forward_converged"]}
 print(f"forward model: {forward['gradient_dex_per_kpc']:.4f} ± {forward['gradient_err']:.4f} "
-      f"dex/kpc (converged: {forward['converged']}); true "
+      f"dex/kpc (converged: {forward['converged']}); paper's method "
+      f"{paper['gradient_dex_per_kpc']:.4f} ± {paper['gradient_err']:.4f}; true "
       f"{galaxy.truth['gradient_dex_per_kpc']} dex/kpc")
 """),
     md("""
@@ -515,6 +494,7 @@ explorer.method = "forward"           # paper <-> forward model
     code("""
 fig = explorer.static_figure()
 """),
+    SHUTDOWN,
 ]
 
 
@@ -579,6 +559,7 @@ if RESULTS is not None:
 else:
     print("set RESULTS to a klever-nb sample folder to draw Figs 5, 7 and 11")
 """),
+    SHUTDOWN,
 ]
 
 
@@ -593,14 +574,266 @@ A mock KMOS galaxy at z = 1.4 (three bands). Choose a line and what to map; clic
 see its spectrum, the OH sky mask and the fitted model, and the fitted lines.
 """),
     code("""
-from klever_nb import mock
+from klever_nb import demo
 from klever_nb.widgets import LineFitExplorer
 
-galaxy = mock.make_mock(mock.demo_specs()[0])
+galaxy = demo.demo_galaxy(0, progress=False)   # cached on disk (klever_nb.demo)
 explorer = LineFitExplorer(galaxy.cubes, line="Halpha", quantity="flux")
 explorer.widget
 """),
 ]
+
+
+# ---------------------------------------------------------------------------
+# Workshop: exercises with gaps, and their solved twins, from one source
+# ---------------------------------------------------------------------------
+def gap(stub: str, solution: str) -> dict:
+    """A cell the learner fills: ``stub`` in the exercise, ``solution`` in the solved twin."""
+    return {"gap": True, "stub": stub.strip("\n"), "solution": solution.strip("\n")}
+
+
+def workshop_cells(cells: list, *, solved: bool) -> list:
+    out = []
+    for cell in cells:
+        if isinstance(cell, dict) and cell.get("gap"):
+            new = code(cell["solution"] if solved else cell["stub"])
+            new.metadata["tags"] = ["solution" if solved else "exercise"]
+            out.append(new)
+        else:
+            out.append(cell)
+    return out
+
+
+def workshop_intro(title: str, goal: str, terms: str) -> dict:
+    return md(f"""
+# Workshop — {title}
+
+{goal}
+
+Paper: {PAPER}. Cells marked **✎ your turn** have gaps (`...`): fill them and run; the solved
+twin of this notebook is in `workshop/solutions/` (both are generated from the same source, so
+they never drift apart). The data are the cached demo galaxies of `klever_nb.demo`.
+
+**Terms**: {terms}
+""")
+
+
+WS_LINE = [
+    workshop_intro(
+        "fit an emission line by hand, then compare with the batched fitter",
+        "K20 §3.1 fits every spaxel with Gaussians plus a linear continuum. Here you fit Hα in one "
+        "spaxel with `scipy.optimize.curve_fit`, and compare flux, centre and width with "
+        "`klever_nb.fitting.fit_cube`, which fits all 576 spaxels at once (tied [NII], OH sky "
+        "channels masked, inverse-noise weights).",
+        "flux density in 10⁻²⁰ erg s⁻¹ cm⁻² Å⁻¹, wavelengths in vacuum µm; the line flux is the "
+        "area of the Gaussian, $F = A\\,\\sigma_\\lambda\\sqrt{2\\pi}$ (×10⁴ Å/µm)."),
+    code("""
+import matplotlib.pyplot as plt
+import numpy as np
+from scipy.optimize import curve_fit
+
+from klever_nb import constants, demo, fitting
+
+galaxy = demo.demo_galaxy(0)
+cube = galaxy.cubes["H"].to_dataset()
+z = galaxy.redshift
+halpha_um = constants.LINES["Halpha"].wave_vac / 1e4 * (1 + z)   # observed, µm
+snr = galaxy.line_maps["snr"].sel(line="Halpha").values
+y, x = np.unravel_index(np.nanargmax(snr), snr.shape)   # the brightest Hα spaxel
+window = np.abs(cube.wave.values - halpha_um) < 0.0025     # ±7σ: no [NII] inside
+wave = cube.wave.values[window]
+flux = cube.flux.values[window, y, x]
+noise = cube.noise.values[window, y, x]
+good = np.isfinite(flux) & np.isfinite(noise) & (noise > 0)      # masked sky channels are NaN
+print(f"Hα expected at {halpha_um:.5f} µm; {good.sum()} usable channels of {window.sum()}")
+"""),
+    md("## ✎ your turn: the model and the fit\n\nA Gaussian plus a straight line; fit with "
+       "`sigma=noise` so the channels are weighted by their noise."),
+    gap("""
+def model(w, amp, centre, sigma, c0, c1):
+    return ...   # a Gaussian of amplitude amp, plus c0 + c1 * (w - halpha_um)
+
+p0 = [np.nanmax(flux), halpha_um, 3e-4, 0.0, 0.0]
+params, cov = ...  # curve_fit(...)
+""", """
+def model(w, amp, centre, sigma, c0, c1):
+    return amp * np.exp(-0.5 * ((w - centre) / sigma) ** 2) + c0 + c1 * (w - halpha_um)
+
+p0 = [np.nanmax(flux), halpha_um, 3e-4, 0.0, 0.0]
+params, cov = curve_fit(model, wave[good], flux[good], p0=p0, sigma=noise[good],
+                        absolute_sigma=True)
+"""),
+    md("## ✎ your turn: the flux, its error, the velocity"),
+    gap("""
+amp, centre, sigma = params[:3]
+flux_hand = ...        # area of the Gaussian in 1e-20 erg/s/cm2 (wavelengths are in µm)
+flux_hand_err = ...    # propagate cov (amp and sigma)
+velocity_hand = ...    # km/s relative to z
+""", """
+amp, centre, sigma = params[:3]
+flux_hand = amp * sigma * np.sqrt(2 * np.pi) * 1e4
+var = (sigma ** 2 * cov[0, 0] + amp ** 2 * cov[2, 2] + 2 * amp * sigma * cov[0, 2])
+flux_hand_err = np.sqrt(var * 2 * np.pi) * 1e4
+velocity_hand = (centre / halpha_um - 1) * constants.C_KMS
+"""),
+    code("""
+batched = fitting.fit_cube(cube, redshift=z, lines=("NII_6548", "Halpha", "NII_6584"))
+ha = batched.sel(line="Halpha").isel(y=y, x=x)
+print(f"by hand : flux {flux_hand:8.1f} ± {flux_hand_err:5.1f}  velocity {velocity_hand:+6.1f} km/s")
+print(f"batched : flux {float(ha.flux):8.1f} ± {float(ha.flux_err):5.1f}  velocity "
+      f"{float(ha.velocity):+6.1f} km/s")
+print(f"difference: {(flux_hand - float(ha.flux)) / float(ha.flux_err):+.2f} σ")
+fig, ax = plt.subplots(figsize=(7, 3.2))
+ax.step(wave, flux, where="mid", color="k", lw=0.8, label="data")
+ax.plot(wave, model(wave, *params), "r", label="by hand")
+ax.set_xlabel("observed wavelength [µm]")
+ax.set_ylabel("flux density [1e-20 erg/s/cm²/Å]")
+ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1))
+fig.tight_layout()
+"""),
+    md("""
+**Questions.** Why do the two fluxes differ by less than their error? (Same data, same weights:
+only the [NII] lines and the velocity tied between lines differ.) How long would 576 calls of
+`curve_fit` take compared with `fit_cube`? Try `%timeit` on both.
+"""),
+    SHUTDOWN,
+]
+
+WS_POSTERIOR = [
+    workshop_intro(
+        "a metallicity posterior by hand, against the package's eq. (1)",
+        "K20 eq. (1) turns observed strong-line ratios into a posterior on 12+log(O/H). You compute "
+        "it on a grid for one pixel of the demo galaxy's source-plane map and compare its median "
+        "and 16th/84th percentiles with `klever_nb.metallicity.metallicity_map`.",
+        "R3 = [OIII]λ5007/Hβ, N2 = [NII]λ6584/Hα (log ratios); C20 = the Curti et al. 2020a "
+        "calibrations, each a polynomial $\\log R(x)$ in $x$ = 12+log(O/H) − 8.69 with scatter "
+        "$\\sigma_R$; flat prior over their validity range 7.6–8.9."),
+    md(r"""
+$$\chi^2(x) = \sum_i \frac{\left(\log R^{\rm obs}_i - \log R^{\rm exp}_i(x)\right)^2}
+{\sigma^2_{{\rm obs},i} + \sigma^2_{R_i}}, \qquad P(x) \propto e^{-\chi^2(x)/2}$$
+"""),
+    code("""
+import matplotlib.pyplot as plt
+import numpy as np
+
+from klever_nb import demo
+from klever_nb.calibrations import get_calibration
+
+galaxy = demo.demo_galaxy(0)
+m = galaxy.metallicity
+pixels = np.argwhere(m["all_diagnostics"].values & np.isfinite(m["oh"].values))
+iy, ix = pixels[len(pixels) // 2]
+names = [str(d) for d in m["diagnostic"].values]
+obs = m["log_ratio"].values[:, iy, ix]
+obs_err = m["log_ratio_err"].values[:, iy, ix]
+cals = [get_calibration(d, set_name="C20") for d in names]
+grid = np.arange(7.6, 8.9 + 5e-4, 0.001)
+print(dict(zip(names, np.round(obs, 3))), "±", np.round(obs_err, 3))
+"""),
+    md("## ✎ your turn: χ², posterior, median and 1σ interval"),
+    gap("""
+chi2 = ...          # sum over the diagnostics, on `grid` (cal.log_ratio(grid), cal.sigma)
+posterior = ...     # normalised so that it integrates to 1 over the grid
+cdf = ...
+oh_med, oh_lo, oh_hi = ...   # where the cdf crosses 0.5, 0.16, 0.84
+""", """
+chi2 = sum((o - cal.log_ratio(grid)) ** 2 / (e ** 2 + cal.sigma ** 2)
+           for o, e, cal in zip(obs, obs_err, cals))
+posterior = np.exp(-0.5 * (chi2 - chi2.min()))
+posterior /= np.trapezoid(posterior, grid)
+cdf = np.cumsum(posterior) * (grid[1] - grid[0])
+cdf /= cdf[-1]
+oh_med, oh_lo, oh_hi = np.interp([0.5, 0.16, 0.84], cdf, grid)
+"""),
+    code("""
+pkg = [float(m[v].values[iy, ix]) for v in ("oh", "oh_lo", "oh_hi")]
+print(f"by hand : {oh_med:.3f} [{oh_lo:.3f}, {oh_hi:.3f}]")
+print(f"package : {pkg[0]:.3f} [{pkg[1]:.3f}, {pkg[2]:.3f}]")
+fig, ax = plt.subplots(figsize=(6, 3.2))
+ax.plot(grid, posterior, "k", label="posterior (by hand)")
+ax.axvline(pkg[0], color="tab:red", label="package median")
+ax.axvspan(pkg[1], pkg[2], color="tab:red", alpha=0.2, label="package 16–84 %")
+ax.set_xlabel("12 + log(O/H)")
+ax.set_ylabel("P(x)")
+ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1))
+fig.tight_layout()
+"""),
+    md("""
+**Questions.** Drop N2 (keep only R3): why does the posterior become double-peaked? (R3 is not
+monotonic in metallicity.) What happens to the interval if you forget σ_R?
+"""),
+    SHUTDOWN,
+]
+
+WS_SMEARING = [
+    workshop_intro(
+        "measure a gradient and watch beam smearing flatten it",
+        "K20 measure gradients on back-projected source-plane maps, blurred by the source-plane "
+        "PSF (K20 §4.2, App. A). Here you build a toy disc with a known linear gradient, blur it "
+        "with PSFs of growing size as the telescope would (flux-weighted), and measure the "
+        "slope. Then compare with the demo galaxy, whose source-plane PSF is ~4 kpc.",
+        "gradient = d(12+log O/H)/dr in dex/kpc; PSF FWHM; beam smearing = the mixing of "
+        "neighbouring regions by the PSF; resolution class (K20 §4.2): resolved if the profile "
+        "reaches twice the PSF size √(HWHM_x HWHM_y)."),
+    code("""
+import matplotlib.pyplot as plt
+import numpy as np
+from scipy.ndimage import gaussian_filter
+
+from klever_nb import demo
+
+pix = 0.1                                            # kpc per pixel
+yy, xx = np.mgrid[-80:81, -80:81] * pix
+r = np.hypot(xx, yy)
+halpha = np.exp(-r / 1.2)                            # exponential disc, 1.2 kpc scale length
+true_gradient, central = -0.04, 8.45                 # as the demo mock
+oh_true = central + true_gradient * r
+"""),
+    md("## ✎ your turn: blur and measure"),
+    gap("""
+def observed_oh(fwhm_kpc):
+    ...   # blur the Hα-weighted metallicity and Hα itself, return their ratio
+
+def slope(oh_map, r_max=4.0):
+    ...   # straight-line fit of oh_map against r for r < r_max (np.polyfit)
+""", """
+def observed_oh(fwhm_kpc):
+    s = fwhm_kpc / 2.3548 / pix
+    return gaussian_filter(halpha * oh_true, s) / gaussian_filter(halpha, s)
+
+def slope(oh_map, r_max=4.0):
+    inside = r < r_max
+    return np.polyfit(r[inside], oh_map[inside], 1)[0]
+"""),
+    code("""
+fwhms = [0.25, 0.5, 1.0, 2.0, 4.0]
+measured = [slope(observed_oh(f)) for f in fwhms]
+for f, g in zip(fwhms, measured):
+    print(f"PSF FWHM {f:4.2f} kpc: measured {g:+.4f} dex/kpc ({g / true_gradient:.0%} of the truth)")
+galaxy = demo.demo_galaxy(0)
+s = galaxy.summary
+psf_kpc = float(np.sqrt(np.prod(s["source_psf_fwhm_kpc"])))
+print(f"demo galaxy: source-plane PSF {psf_kpc:.1f} kpc; paper's method "
+      f"{s['gradient_dex_per_kpc']:+.3f}, forward model {s['gradient_forward_dex_per_kpc']:+.3f}, "
+      f"truth {galaxy.truth['gradient_dex_per_kpc']:+.3f} dex/kpc")
+fig, ax = plt.subplots(figsize=(6, 3.2))
+ax.plot(fwhms, np.array(measured) / true_gradient, "o-")
+ax.axvline(psf_kpc, color="tab:red", ls="--", label="demo galaxy's PSF")
+ax.set_xlabel("PSF FWHM [kpc]")
+ax.set_ylabel("measured / true gradient")
+ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1))
+fig.tight_layout()
+"""),
+    md("""
+**Questions.** Why does a PSF much smaller than the disc leave the slope intact? Why does the
+forward model (blur the *model* and compare in the image plane) not suffer from this? Try a
+steeper Hα profile (scale length 0.6 kpc).
+"""),
+    SHUTDOWN,
+]
+
+WORKSHOP = {"01_fit_a_line_by_hand": WS_LINE, "02_posterior_by_hand": WS_POSTERIOR,
+            "03_gradient_and_beam_smearing": WS_SMEARING}
 
 
 NOTEBOOKS = {
@@ -611,6 +844,9 @@ NOTEBOOKS = {
     "04_gradients_and_2d_maps.ipynb": GRADIENTS,
     "05_sample_figures.ipynb": SAMPLE_FIGURES,
     "explorer.ipynb": EXPLORER,
+    **{f"workshop/{n}.ipynb": workshop_cells(c, solved=False) for n, c in WORKSHOP.items()},
+    **{f"workshop/solutions/{n}.ipynb": workshop_cells(c, solved=True)
+       for n, c in WORKSHOP.items()},
 }
 
 
@@ -643,6 +879,7 @@ def main(argv: list[str] | None = None) -> int:
             if not path.exists() or path.read_text() != text:
                 stale.append(name)
         else:
+            path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text)
             print("wrote", path)
     if stale:
