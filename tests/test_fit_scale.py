@@ -143,7 +143,7 @@ def test_a_cube_larger_than_the_memory_budget_is_fitted_in_chunks_within_it(tmp_
              "    rc = main(sys.argv)\n"
              "    assert rc == 0, rc\n"
              "print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))\n")
-    env = dict(os.environ, KLEVER_NB_MEMORY_BUDGET_MB="300")
+    env = dict(os.environ)
 
     def peak(*args):
         out = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True,
