@@ -67,12 +67,17 @@ class QuickstartPanel(ExplorerBase):
 
     def _redraw(self) -> None:
         import matplotlib.pyplot as plt
-        from IPython.display import display
+        from IPython.display import Image, display
+
+        from klever_nb.widgets._common import figure_png
 
         out, text = self._ui["out"], self._ui["text"]
         fig = self.static_figure()
+        try:  # a PNG, whatever the matplotlib backend (Agg shows only "<Figure ...>")
+            png = figure_png(fig)
+        finally:
+            plt.close(fig)
         with out:
             out.clear_output(wait=True)
-            display(fig)
-        plt.close(fig)
+            display(Image(data=png, format="png"))
         text.value = f"<p style='line-height:1.4'>{self.verdict}</p>"

@@ -109,9 +109,8 @@ def isolated_env(tmp: Path) -> dict[str, str]:
 def nb_dir(tmp_path: Path) -> Path:
     """A copy of the notebooks folder (JupyterLab autosave never rewrites the checked-in files)."""
     d = tmp_path / "nb"
-    d.mkdir()
-    for path in NOTEBOOKS.glob("*.ipynb"):
-        shutil.copy(path, d / path.name)
+    shutil.copytree(NOTEBOOKS, d, ignore=shutil.ignore_patterns("*.py", "__pycache__",
+                                                                 ".ipynb_checkpoints"))
     return d
 
 

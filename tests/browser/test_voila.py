@@ -21,8 +21,17 @@ pytestmark = [
 ]
 
 
+@pytest.mark.parametrize("size", [(1366, 768), (1920, 1080)], ids=["1366x768", "1920x1080"])
 def test_voila_explorer_renders_and_a_click_updates_the_spectrum(voila_server, page,
-                                                                 artifact_dir):
+                                                                 artifact_dir, size):
+    import re
+
+    page.set_viewport_size({"width": size[0], "height": size[1]})
+    harmless = re.compile(r"ERR_NAME_NOT_RESOLVED|ERR_INTERNET_DISCONNECTED|cdn\.jsdelivr|"
+                          r"Failed to load resource: net::|favicon", re.I)
+    errors = []
+    page.on("console", lambda m: m.type == "error" and not harmless.search(m.text)
+            and errors.append(m.text))
     page.goto(voila_server)  # voila executes the notebook itself on page load
     page.locator(MAP_IMAGE).first.wait_for(state="visible", timeout=120_000)
     page.locator(SPEC_TITLE).first.wait_for(timeout=30_000)
@@ -31,4 +40,10 @@ def test_voila_explorer_renders_and_a_click_updates_the_spectrum(voila_server, p
     assert_clicked_spaxel_drawn(page, 5, 16)
     assert "y=5, x=16" in spectrum_title(page)
     assert_no_widget_errors(page)
-    page.screenshot(path=str(artifact_dir / "voila_explorer.png"), full_page=True)
+    # the clicked map and the answering spectrum are on screen together, without scrolling
+    for sel in (".klever-map", ".klever-spectrum"):
+        box = page.locator(sel).first.bounding_box()
+        assert box and box["x"] + box["width"] <= size[0] + 1, (sel, box)
+    page.screenshot(path=str(artifact_dir / f"voila_explorer_{size[0]}x{size[1]}.png"))
+    print(f"voila {size}: {len(errors)} console errors")
+    assert not errors, errors[:10]
