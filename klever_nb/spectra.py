@@ -95,6 +95,8 @@ def smooth_cube(cube: xr.Dataset, *, fwhm_arcsec: float = constants.SMOOTH_FWHM_
     """
     if not (np.isfinite(fwhm_arcsec) and fwhm_arcsec >= 0):
         raise ConfigError(f"fwhm_arcsec={fwhm_arcsec!r}: must be >= 0")
+    if cube.attrs.get("lazy") and fwhm_arcsec > 0 and tuple(cube.flux.dims) == ("wave", "y", "x"):
+        return _smooth_lazily(cube, fwhm_arcsec)
     out = cube.copy(deep=True).transpose("wave", "y", "x", ...)
     if fwhm_arcsec == 0:
         out.attrs.update(smooth_fwhm_arcsec=0.0, smooth_sigma_pix=0.0,
@@ -114,6 +116,97 @@ def smooth_cube(cube: xr.Dataset, *, fwhm_arcsec: float = constants.SMOOTH_FWHM_
     with np.errstate(invalid="ignore", divide="ignore"):
         out["flux"].values = np.where(ok, num / den, np.nan)
         out["noise"].values = np.where(ok, np.sqrt(var_num) / den, np.nan)
+    out.attrs.update(
+        smooth_fwhm_arcsec=float(fwhm_arcsec), smooth_sigma_pix=float(sigma_pix),
+        noise_correlation_scaling=float(1.0 / np.sqrt(np.sum(kernel ** 2))),
+    )
+    return out
+
+
+def _smooth_planes(flux: np.ndarray, noise: np.ndarray, kernel: np.ndarray):
+    """The smoothing of :func:`smooth_cube` on a block of planes (wave, y, x)."""
+    valid = np.isfinite(flux) & np.isfinite(noise) & (noise > 0)
+    mask = valid.astype(float)
+    k3 = kernel[None]
+    den = ndimage.convolve(mask, k3, mode="constant", cval=0.0)
+    num = ndimage.convolve(np.where(valid, flux, 0.0) * mask, k3, mode="constant", cval=0.0)
+    var_num = ndimage.convolve(np.where(valid, noise, 0.0) ** 2 * mask, k3 ** 2,
+                               mode="constant", cval=0.0)
+    ok = valid & (den > 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(ok, num / den, np.nan), np.where(ok, np.sqrt(var_num) / den, np.nan)
+
+
+class _SmoothedSection:
+    """Smoothed sections of a lazily read cube, computed on demand: the image rows asked
+    for plus a halo of the kernel's half width (zero padding only at the image edges), so
+    each plane's convolution equals the whole-plane one. Picklable."""
+
+    def __init__(self, cube: xr.Dataset, kernel: np.ndarray):
+        self.cube = cube[["flux", "noise"]]
+        self.kernel = kernel
+        self.half = kernel.shape[0] // 2
+        self._last = None
+
+    def read(self, key, which: str) -> np.ndarray:
+        n_wave, ny, nx = (self.cube.sizes[d] for d in ("wave", "y", "x"))
+        cache_key = repr(key)
+        if self._last is None or self._last[0] != cache_key:
+            wave_idx = np.atleast_1d(np.arange(n_wave)[key[0]])
+            rows = np.atleast_1d(np.arange(ny)[key[1]])
+            if rows.size == 0 or wave_idx.size == 0:
+                empty = np.zeros((wave_idx.size, rows.size, nx))
+                self._last = (cache_key, empty, empty)
+            else:
+                y0, y1 = int(rows.min()), int(rows.max()) + 1
+                a, b = max(0, y0 - self.half), min(ny, y1 + self.half)
+                block = self.cube.isel(wave=wave_idx, y=slice(a, b))
+                flux, noise = _smooth_planes(np.asarray(block.flux.values, dtype=float),
+                                             np.asarray(block.noise.values, dtype=float),
+                                             self.kernel)
+                self._last = (cache_key, flux[:, rows - a], noise[:, rows - a])
+        out = self._last[1] if which == "flux" else self._last[2]
+        out = out[:, :, key[2]]
+        index = tuple(0 if np.ndim(k) == 0 and not isinstance(k, slice) else slice(None)
+                      for k in key)
+        return out[index]
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_last"] = None
+        return state
+
+
+class _SmoothedArray(xr.backends.BackendArray):
+    def __init__(self, source: _SmoothedSection, which: str, shape):
+        self.source, self.which = source, which
+        self.shape = tuple(shape)
+        self.dtype = np.dtype(np.float64)
+
+    def __getitem__(self, key):
+        from xarray.core import indexing
+
+        return indexing.explicit_indexing_adapter(
+            key, self.shape, indexing.IndexingSupport.OUTER, self._raw)
+
+    def _raw(self, key):
+        return self.source.read(key, self.which)
+
+
+def _smooth_lazily(cube: xr.Dataset, fwhm_arcsec: float) -> xr.Dataset:
+    """:func:`smooth_cube` of a lazily read cube (``open_cube(lazy=True)``): the same
+    numbers, computed section by section when read, so the cube never is in memory."""
+    from xarray.core import indexing
+
+    sigma_pix = fwhm_arcsec / FWHM_PER_SIGMA / _pixel_scale(cube)
+    kernel = gaussian_kernel(sigma_pix)
+    source = _SmoothedSection(cube, kernel)
+    shape = cube.flux.shape
+    out = cube.copy(deep=False)
+    for name in ("flux", "noise"):
+        out[name] = xr.Variable(("wave", "y", "x"),
+                                indexing.LazilyIndexedArray(_SmoothedArray(source, name, shape)),
+                                dict(cube[name].attrs))
     out.attrs.update(
         smooth_fwhm_arcsec=float(fwhm_arcsec), smooth_sigma_pix=float(sigma_pix),
         noise_correlation_scaling=float(1.0 / np.sqrt(np.sum(kernel ** 2))),

@@ -117,3 +117,45 @@ def test_emission_peak_recovers_a_sub_pixel_centre():
     assert x == pytest.approx(11.6, abs=0.05)
     spec = spectra.pseudo_fibre_spectrum(cube, redshift=2.2)
     assert spec.attrs["centre_yx"] == pytest.approx([8.3, 11.6], abs=0.05)
+
+
+def test_lazily_read_cube_gives_the_same_smoothing_fibre_and_peak(tmp_path):
+    """On ``open_cube(lazy=True)`` smoothing is computed section by section (rows + a halo
+    of the kernel's half width), the fibre reads the aperture's box, the peak image reads
+    blocks of rows: the same numbers as on the cube in memory (issue 20)."""
+    from astropy.io import fits
+
+    from klever_nb.io import open_cube
+
+    rng = np.random.default_rng(5)
+    nw, ny, nx = 120, 23, 17
+    wave = np.linspace(2.0, 2.2, nw)
+    yy, xx = np.mgrid[0:ny, 0:nx]
+    line = np.exp(-0.5 * ((wave - 2.1) / 0.002) ** 2)[:, None, None]
+    flux = 3 * line * np.exp(-np.hypot(yy - 11.3, xx - 7.6) / 3)[None] + rng.normal(
+        0, 0.2, (nw, ny, nx))
+    flux[5, 3, 4] = np.nan
+    header = {"CTYPE3": "WAVE", "CUNIT3": "um", "CRVAL3": 2.0, "CDELT3": wave[1] - wave[0],
+              "CRPIX3": 1.0, "CTYPE1": "RA---TAN", "CTYPE2": "DEC--TAN", "CUNIT1": "deg",
+              "CUNIT2": "deg", "CDELT1": -0.1 / 3600, "CDELT2": 0.1 / 3600,
+              "BUNIT": "1e-20 erg/s/cm2/Angstrom"}
+    data = fits.ImageHDU(flux.astype(np.float32), name="DATA")
+    noise = fits.ImageHDU(np.full(flux.shape, 0.2, np.float32), name="NOISE")
+    for hdu in (data, noise):
+        hdu.header.update(header)
+    path = tmp_path / "cube.fits"
+    fits.HDUList([fits.PrimaryHDU(), data, noise]).writeto(path)
+    eager, lazy = open_cube(path), open_cube(path, lazy=True)
+    a = spectra.smooth_cube(eager, fwhm_arcsec=0.4)
+    b = spectra.smooth_cube(lazy, fwhm_arcsec=0.4)
+    assert b.attrs["noise_correlation_scaling"] == a.attrs["noise_correlation_scaling"]
+    for sel in ({}, {"wave": [60, 3, 90], "y": slice(4, 9), "x": [0, 16]}, {"y": 22}):
+        for name in ("flux", "noise"):
+            np.testing.assert_allclose(b[name].isel(**sel).values, a[name].isel(**sel).values,
+                                       rtol=1e-12, atol=1e-12, equal_nan=True)
+    assert spectra.emission_peak(lazy, redshift=0.0, lines=None) == spectra.emission_peak(
+        eager, redshift=0.0, lines=None)
+    fa = spectra.pseudo_fibre_spectrum(a, radius_arcsec=0.35, centre=(11.0, 7.0))
+    fb = spectra.pseudo_fibre_spectrum(b, radius_arcsec=0.35, centre=(11.0, 7.0))
+    np.testing.assert_allclose(fb.flux.values, fa.flux.values, rtol=1e-12)
+    np.testing.assert_allclose(fb.noise.values, fa.noise.values, rtol=1e-12)

@@ -346,7 +346,7 @@ def continuum_image(cube: xr.Dataset, *, redshift: float, skymask=None,
     blocks = [(None, slice(None))]
     if len(shape) == 2 and spatial[0] in flux_all.dims:
         # bounded memory for very large (lazily read) cubes: blocks of image rows
-        rows = max(1, int(2**21 // max(n_keep * shape[1], 1)))
+        rows = max(1, int(2**20 // max(n_keep * shape[1], 1)))
         blocks = [(spatial[0], slice(y0, min(y0 + rows, shape[0])))
                   for y0 in range(0, shape[0], rows)]
     for dim, sl in (blocks if n_keep else []):
