@@ -37,6 +37,12 @@ WAVE0_UM, DWAVE_UM = 2.10, 2.5e-4  # a KMOS-K-like linear vacuum grid, 2.100–2
 SCALE = 1e-20  # erg/s/cm2/Å per spaxel, the "1e-20" of BUNIT
 
 
+def noisy_ones(shape, dtype=np.float32) -> np.ndarray:
+    """Ones with 5 % Gaussian noise: a cube without NOISE needs data whose noise can be
+    estimated (a constant cube has none and is rejected as unusable)."""
+    return (1.0 + 0.05 * np.random.default_rng(0).standard_normal(shape)).astype(dtype)
+
+
 def vacuum_grid() -> np.ndarray:
     return WAVE0_UM + DWAVE_UM * np.arange(NWAVE)
 
@@ -313,7 +319,7 @@ def test_kmos_combined_attrs_band_resolving_power_and_wcs(tmp_path):
 
 def test_band_is_inferred_from_the_wavelength_range(tmp_path):
     wave = np.linspace(1.456, 1.846, 50)
-    primary = fits.PrimaryHDU(np.ones((50, 3, 3), dtype=np.float32))
+    primary = fits.PrimaryHDU(noisy_ones((50, 3, 3), dtype=np.float32))
     primary.header["INSTRUME"] = "KMOS"
     linear_spectral(primary.header, wave0=wave[0], dwave=wave[1] - wave[0])
     cube = open_cube(write(tmp_path, "h", [primary]))
@@ -324,7 +330,7 @@ def test_band_is_inferred_from_the_wavelength_range(tmp_path):
 
 
 def test_bare_unknown_cube_has_unknown_instrument_nan_r_no_wcs(tmp_path):
-    primary = fits.PrimaryHDU(np.ones((40, 3, 4), dtype=np.float32))
+    primary = fits.PrimaryHDU(noisy_ones((40, 3, 4), dtype=np.float32))
     linear_spectral(primary.header)
     cube = open_cube(write(tmp_path, "bare", [primary]))
     assert cube.attrs["instrument"] == "unknown" and cube.attrs["band"] == ""
@@ -361,7 +367,7 @@ def test_jwst_mjy_sr_becomes_flambda_per_arcsec2(tmp_path):
 
 
 def test_lambda_axis_medium_assumed_from_wavelength_with_warning(tmp_path):
-    optical = fits.PrimaryHDU(np.ones((30, 2, 2), dtype=np.float32))
+    optical = fits.PrimaryHDU(noisy_ones((30, 2, 2), dtype=np.float32))
     linear_spectral(optical.header, ctype="LAMBDA", unit=None, wave0=0.65, dwave=1e-4)
     path = write(tmp_path, "optical", [optical])
     with pytest.warns(WavelengthMediumWarning, match="assuming air"):
@@ -374,7 +380,7 @@ def test_lambda_axis_medium_assumed_from_wavelength_with_warning(tmp_path):
         told = open_cube(path, wavelength_medium="vacuum")
     np.testing.assert_allclose(told.wave, 0.65 + 1e-4 * np.arange(30), rtol=1e-13)
     assert told.attrs["wavelength_medium_assumed"] is False
-    nir = fits.PrimaryHDU(np.ones((30, 2, 2), dtype=np.float32))
+    nir = fits.PrimaryHDU(noisy_ones((30, 2, 2), dtype=np.float32))
     linear_spectral(nir.header, ctype="LAMBDA", unit=None)
     with pytest.warns(WavelengthMediumWarning, match="assuming vacuum"):
         assert open_cube(write(tmp_path, "nir", [nir])).attrs["wavelength_medium_in_file"] == \
@@ -392,7 +398,7 @@ def test_decreasing_wavelengths_are_flipped(tmp_path):
 
 @pytest.mark.parametrize("theta", [0.0, 17.0, 42.0, 133.0])
 def test_pixel_scale_of_a_rotated_cd_matrix_equals_the_unrotated_one(tmp_path, theta):
-    primary = fits.PrimaryHDU(np.ones((10, 3, 3), dtype=np.float32))
+    primary = fits.PrimaryHDU(noisy_ones((10, 3, 3), dtype=np.float32))
     celestial(primary.header, theta)
     linear_spectral(primary.header)
     cube = open_cube(write(tmp_path, f"rot{theta}", [primary]))
@@ -400,7 +406,7 @@ def test_pixel_scale_of_a_rotated_cd_matrix_equals_the_unrotated_one(tmp_path, t
 
 
 def test_pixel_scale_from_pc_and_cdelt(tmp_path):
-    primary = fits.PrimaryHDU(np.ones((10, 3, 3), dtype=np.float32))
+    primary = fits.PrimaryHDU(noisy_ones((10, 3, 3), dtype=np.float32))
     t = np.deg2rad(25.0)
     primary.header.update(CTYPE1="RA---TAN", CTYPE2="DEC--TAN", CRVAL1=10.0, CRVAL2=-5.0,
                           CDELT1=-0.25 / 3600, CDELT2=0.25 / 3600, PC1_1=np.cos(t),
@@ -607,7 +613,7 @@ def test_nm_axis_with_pc_cdelt_and_var_extension(tmp_path):
 
 
 def test_linear_spatial_axes_in_arcsec_still_give_a_pixel_scale(tmp_path):
-    primary = fits.PrimaryHDU(np.ones((10, 3, 3), dtype=np.float32))
+    primary = fits.PrimaryHDU(noisy_ones((10, 3, 3), dtype=np.float32))
     t = np.deg2rad(30.0)
     primary.header.update(CTYPE1="LINEAR", CTYPE2="LINEAR", CUNIT1="arcsec", CUNIT2="arcsec",
                           CD1_1=0.1 * np.cos(t), CD1_2=-0.1 * np.sin(t),
@@ -660,7 +666,7 @@ def test_data_hdu_that_is_not_a_cube(tmp_path):
 
 @pytest.mark.parametrize(("crval", "cdelt"), [(2.1, 2.5e-4), (21000.0, 2.5), (2.1e-6, 2.5e-10)])
 def test_wave_axis_without_cunit3_takes_the_unit_from_the_values(tmp_path, crval, cdelt):
-    primary = fits.PrimaryHDU(np.ones((10, 2, 2), dtype=np.float32))
+    primary = fits.PrimaryHDU(noisy_ones((10, 2, 2), dtype=np.float32))
     primary.header.update(CTYPE3="WAVE", CRVAL3=crval, CDELT3=cdelt, CRPIX3=1.0)
     cube = open_cube(write(tmp_path, f"nocunit{crval}", [primary]))
     np.testing.assert_allclose(cube.wave, 2.1 + 2.5e-4 * np.arange(10), rtol=1e-12)
@@ -675,7 +681,7 @@ def test_a_cube_with_a_broken_celestial_wcs_is_read_with_a_warning_naming_the_ke
 
     from klever_nb.io import open_cube
 
-    data = np.ones((40, 5, 5), dtype=np.float32)
+    data = noisy_ones((40, 5, 5), dtype=np.float32)
     header = fits.Header()
     header.update(CTYPE3="WAVE", CUNIT3="um", CRVAL3=2.0, CDELT3=0.0002, CRPIX3=1.0,
                   CTYPE1="RA---TAN", CTYPE2="DEC--TAN", CRVAL1=10.0, CRVAL2=-95.0,

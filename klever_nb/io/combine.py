@@ -59,6 +59,7 @@ from scipy.ndimage import median_filter
 from scipy.optimize import curve_fit
 
 from klever_nb.celestial import WCS_ERRORS
+from klever_nb.constants import FWHM_PER_SIGMA
 from klever_nb.errors import ConfigError, InputError
 
 __all__ = [
@@ -148,7 +149,7 @@ def star_centroid(cube: xr.Dataset) -> dict:
     if not (np.all(np.isfinite(errors)) and popt[0] > 0):
         raise InputError(f"{cube.attrs.get('source_file', 'cube')}: the reference-star fit "
                          "did not find a star (non-positive amplitude or undefined errors)")
-    fwhm = 2.0 * np.sqrt(2.0 * np.log(2.0)) * float(np.sqrt(popt[3] * popt[4]))
+    fwhm = FWHM_PER_SIGMA * float(np.sqrt(popt[3] * popt[4]))
     return {"x": float(popt[1]), "y": float(popt[2]), "x_err": float(errors[1]),
             "y_err": float(errors[2]), "fwhm_pix": fwhm, "chi2_nu": chi2_nu}
 
@@ -808,7 +809,7 @@ def write_mock_exposures(out_dir, *, n_exposures: int = 6, seed: int = 0, scienc
     line_centre, line_sigma = float(wave[n_wave // 2]), 2.0 * 2.64e-4
     line_profile = np.exp(-0.5 * ((wave - line_centre) / line_sigma) ** 2)
     line_profile /= line_profile.sum()
-    psf_sigma = psf_fwhm / 2.3548 / pixel_scale
+    psf_sigma = psf_fwhm / FWHM_PER_SIGMA / pixel_scale
     gal_sigma = np.hypot(0.3 / pixel_scale, psf_sigma)
     radius = rng.uniform(0.05, 0.3, n_exposures)
     angle = rng.uniform(0, 2 * np.pi, n_exposures)

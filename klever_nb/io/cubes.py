@@ -807,7 +807,8 @@ def open_cube(path, *, noise_kind: str | None = None, wavelength_medium: str | N
     --------
     >>> import numpy as np, tempfile, pathlib
     >>> from astropy.io import fits
-    >>> hdu = fits.PrimaryHDU(np.ones((20, 3, 4), dtype="f4"))
+    >>> data = np.random.default_rng(0).normal(1.0, 0.05, (20, 3, 4)).astype("f4")
+    >>> hdu = fits.PrimaryHDU(data)
     >>> hdu.header.update(CTYPE3="WAVE", CUNIT3="um", CRVAL3=2.0, CDELT3=2e-4, CRPIX3=1,
     ...                   BUNIT="1e-20 erg/s/cm2/Angstrom")
     >>> path = pathlib.Path(tempfile.mkdtemp()) / "cube.fits"
