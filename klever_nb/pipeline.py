@@ -17,6 +17,7 @@ import errno
 import hashlib
 import json
 import os
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -143,6 +144,7 @@ class StageResult:
 
     data: xr.Dataset | None
     summary: Mapping[str, Any]
+    seconds: float = 0.0
 
 
 #: Exceptions that make a cached product unusable (it is then recomputed, never trusted).
@@ -159,13 +161,15 @@ def _run_stage(products: Path, stage: str, stage_hash: str, force: bool, *,
     holds ``stage_hash`` and every file exists and reads back; a run killed between the
     files and the record leaves no valid record, so the stage is recomputed.
     """
+    start = time.perf_counter()
     record_path = products / f".{stage}.json"
     if not force and record_path.is_file():
         try:
             record = json.loads(record_path.read_text())
             if record.get("input_hash") == stage_hash and \
                     all((products / name).is_file() for name in files):
-                return StageResult(read(), MappingProxyType(record["summary"]))
+                return StageResult(read(), MappingProxyType(record["summary"]),
+                                   time.perf_counter() - start)
         except _UNREADABLE:
             pass  # an unreadable record or product is recomputed
     result = compute()
@@ -173,7 +177,8 @@ def _run_stage(products: Path, stage: str, stage_hash: str, force: bool, *,
         write(result)
         write_json({"input_hash": stage_hash, "klever_nb_version": __version__,
                     "summary": dict(result.summary)}, record_path)
-    return StageResult(result.data, MappingProxyType(dict(result.summary)))
+    return StageResult(result.data, MappingProxyType(dict(result.summary)),
+                       time.perf_counter() - start)
 
 
 @contextlib.contextmanager
@@ -242,6 +247,7 @@ def run_galaxy(config_path: str | Path, out_dir: str | Path, *, force: bool = Fa
             raise ConfigError(f"method: must be one of {', '.join(METHODS)}, got {method!r}")
         cfg = replace(cfg, analysis=replace(cfg.analysis, method=method))
     settings = cfg.analysis
+    start = time.perf_counter()
     tree = read_galaxy_cubes(cfg)
     first = next(iter(tree.children.values())).to_dataset()
     cube_wcs = first.attrs.get("wcs", "")
@@ -313,6 +319,10 @@ def run_galaxy(config_path: str | Path, out_dir: str | Path, *, force: bool = Fa
     summary["settings"] = asdict(settings)
     summary["versions"] = _versions()
     summary["inputs"] = record["inputs"]  # SHA-256 of every input file
+    # wall time per stage (a stage reused from its products counts its reading only)
+    summary["timings_s"] = {"total": time.perf_counter() - start, "fit": fit.seconds,
+                            "source_plane": lensed.seconds, "metallicity": metal.seconds,
+                            "gradient": gradient.seconds}
     with _writing(products):
         return write_json(summary, products / "summary.json")
 

@@ -44,6 +44,9 @@ def test_every_product_is_written_with_the_summary_contract(runs):
         for name in PRODUCTS:
             assert (folder / name).is_file(), name
         assert SUMMARY_KEYS <= set(summary), SUMMARY_KEYS - set(summary)
+        timings = summary["timings_s"]
+        assert set(timings) == {"total", "fit", "source_plane", "metallicity", "gradient"}
+        assert 0 < sum(v for k, v in timings.items() if k != "total") <= timings["total"]
         assert summary["resolved"] in {"resolved", "marginal", "unresolved"}
         assert not list(folder.glob(".*.tmp")), "temporary files left behind"
         metal = read_netcdf(folder / "metallicity.nc")
