@@ -43,7 +43,7 @@ def gradient_figure(metallicity: xr.Dataset, profile: xr.Dataset, summary: Mappi
     global_oh, global_oh_err : float, optional
         Integrated metallicity (lime line) and its error (green band): symmetric or (lo, hi).
     forward : dict, optional
-        :func:`klever_nb.forward_gradient.fit_forward_gradient` result, drawn dashed.
+        :func:`klever_nb.gradients.forward.fit_forward_gradient` result, drawn dashed.
     title : str, optional
     fig : matplotlib Figure, optional
 
