@@ -550,7 +550,14 @@ def _metallicity_stage(maps: xr.Dataset, source: xr.Dataset, cfg: GalaxyConfig,
         mu_err = lensing_info.get("mu_maps_spread", float("nan"))
         info["sfr_mu"] = "mu_maps (no mu_halpha)"
     if "Halpha" in maps["line"].values:
-        total, total_err = sfr.total_halpha(maps, snr_min=constants.SFR_SNR)
+        # K20 §3.3 co-adds the SNR > 5 spaxels; the headline μ is defined on all the Hα in the
+        # field, so the default co-adds every spaxel (strong-lensing benchmark: SNR > 5 gave a
+        # median SFR bias of -16 %; demo z = 2.2 unlensed: -9 % vs -0.3 % against the truth)
+        paper_sum = s.method == "k20"
+        total, total_err = sfr.total_halpha(
+            maps, snr_min=constants.SFR_SNR if paper_sum else -np.inf)
+        info["sfr_halpha_sum"] = (f"spaxels with Halpha SNR > {constants.SFR_SNR:g} (K20 §3.3)"
+                                  if paper_sum else "every spaxel of the field")
         rate = sfr.sfr_from_halpha(total, total_err, redshift=cfg.redshift, ebv=ebv,
                                    ebv_err=ebv_err, mu=mu, mu_err=mu_err,
                                    flux_units=maps["flux"].attrs.get("units"))

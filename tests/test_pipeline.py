@@ -73,8 +73,10 @@ def test_global_values_agree_with_the_mock_truth(runs):
         assert abs(summary["ebv"] - truth["ebv"]) < 0.1, name
         if not truth["lensed"]:
             assert summary["mu_halpha"] == 1.0
-            # unlensed: SFR from the SNR>5 Halpha spaxels, within 25 % of the truth
-            assert summary["sfr"] == pytest.approx(truth["sfr"], rel=0.25), name
+        # SFR from every spaxel's Halpha over the headline mu, dust-corrected: within 15 %
+        # (the E(B-V) error alone is ~8 % in SFR); K20's SNR > 5 sum was 9 % low unlensed
+        assert summary["sfr"] == pytest.approx(truth["sfr"], rel=0.15), name
+        assert summary["sfr_halpha_sum"] == "every spaxel of the field"
 
 
 @pytest.mark.slow
