@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from klever_nb import __version__, mock, sample_run
+from klever_nb.io import mockfiles
 from klever_nb.lensmodels import ParametricLens
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -60,7 +61,7 @@ def survey_specs(n: int, seed: int = 0) -> list[mock.MockSpec]:
 def write_survey(root: Path, specs: list[mock.MockSpec]) -> Path:
     names = []
     for spec in specs:
-        toml = mock.write_mock(mock.make_mock(spec), root / spec.name)
+        toml = mockfiles.write_mock(mock.make_mock(spec), root / spec.name)
         toml.write_text(toml.read_text() + "\n[analysis]\nforward_gradient = false\n")
         names.append(f'"{spec.name}/galaxy.toml"')
     sample = root / "sample.toml"

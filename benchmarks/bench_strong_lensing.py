@@ -5,7 +5,7 @@ Issue 21 "What it must show". Each galaxy of :func:`klever_nb.mock.strong_lensin
 counter-image inside the cube: 24-30 spaxels of 0.2", >= 0.8" beyond every image; true mu
 ~2-35; random source, lens and shear angles; z in the K20 §2 windows; Halpha peak SNR 8-40;
 seeing 0.45-0.7") is written as real
-files (:func:`klever_nb.mock.write_mock`) and run through the real pipeline
+files (:func:`klever_nb.io.mockfiles.write_mock`) and run through the real pipeline
 (:func:`klever_nb.pipeline.run_galaxy`, default settings: the paper's 0.4" smoothing) twice:
 
 * the noisy mock (every estimator);
@@ -194,9 +194,10 @@ def _run_pipeline(galaxy, folder: Path, extra_toml: str = "") -> tuple[dict, flo
     position at which the pipeline de-lensed its PSF, from ``source_maps.nc``)."""
     import xarray as xr
 
-    from klever_nb import mock, pipeline
+    from klever_nb import pipeline
+    from klever_nb.io import mockfiles
 
-    toml = mock.write_mock(galaxy, folder / "input")
+    toml = mockfiles.write_mock(galaxy, folder / "input")
     if extra_toml:
         toml.write_text(toml.read_text() + extra_toml)
     t0 = time.perf_counter()

@@ -153,9 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_demo(args) -> int:
-    from klever_nb import mock, pipeline
+    from klever_nb import pipeline
+    from klever_nb.io import mockfiles
 
-    sample = mock.write_demo_sample(args.out / "inputs", seed=args.seed)
+    sample = mockfiles.write_demo_sample(args.out / "inputs", seed=args.seed)
     results = pipeline.run_sample(sample, args.out / "products", force=args.force)
     print(f"demo inputs:   {(args.out / 'inputs').resolve()}")
     print(f"demo products: {(args.out / 'products').resolve()}")
@@ -165,9 +166,9 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_mock(args) -> int:
-    from klever_nb import mock
+    from klever_nb.io import mockfiles
 
-    sample = mock.write_demo_sample(args.out, seed=args.seed)
+    sample = mockfiles.write_demo_sample(args.out, seed=args.seed)
     print(f"mock galaxies written; sample file: {sample}")
     return 0
 

@@ -310,7 +310,8 @@ def load_galaxy(path: str | Path, *, sandbox: str | Path | None = None) -> Galax
     Examples
     --------
     >>> from klever_nb import mock                              # doctest: +SKIP
-    >>> toml = mock.write_mock(mock.make_mock(mock.demo_specs()[0]), "/tmp/g")  # doctest: +SKIP
+    >>> from klever_nb.io import mockfiles                      # doctest: +SKIP
+    >>> toml = mockfiles.write_mock(mock.make_mock(mock.demo_specs()[0]), "/tmp/g")  # doctest: +SKIP
     >>> load_galaxy(toml).redshift                              # doctest: +SKIP
     """
     path = Path(path).resolve()

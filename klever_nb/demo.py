@@ -85,10 +85,11 @@ def _json_default(value: Any) -> Any:
 def _build(index: int, folder: Path) -> None:
     """Write the mock's inputs and truth, then run every pipeline stage (in this process)."""
     from klever_nb import mock, pipeline
+    from klever_nb.io import mockfiles
 
     spec = _spec(index)
     galaxy = mock.make_mock(spec)
-    toml_path = mock.write_mock(galaxy, folder / "input")
+    toml_path = mockfiles.write_mock(galaxy, folder / "input")
     (folder / "truth.json").write_text(json.dumps(galaxy.truth, default=_json_default, indent=1))
     del galaxy
     import warnings

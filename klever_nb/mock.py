@@ -36,7 +36,6 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, replace
 from functools import cache
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -1166,27 +1165,6 @@ def strong_lensing_specs(n: int, *, seed: int = 0,
         specs.append(replace(base, centre_offset_arcsec=centre, shape=(side, side),
                              lens_map_size_arcsec=0.2 * side + 1.6))
     return specs
-
-
-def write_mock(galaxy: MockGalaxy, out_dir: str | Path) -> Path:
-    """Write a mock galaxy's input files; see :func:`klever_nb.io.mockfiles.write_mock`."""
-    from klever_nb.io.mockfiles import write_mock as _write_mock
-
-    return _write_mock(galaxy, out_dir)
-
-
-def write_demo_sample(out_dir: str | Path, *, seed: int = 0) -> Path:
-    """Write the demo sample; see :func:`klever_nb.io.mockfiles.write_demo_sample`."""
-    from klever_nb.io.mockfiles import write_demo_sample as _write_demo_sample
-
-    return _write_demo_sample(out_dir, seed=seed)
-
-
-def galaxy_toml_text(galaxy: MockGalaxy) -> str:
-    """The galaxy TOML of a mock; see :func:`klever_nb.io.mockfiles.galaxy_toml_text`."""
-    from klever_nb.io.mockfiles import galaxy_toml_text as _galaxy_toml_text
-
-    return _galaxy_toml_text(galaxy)
 
 
 def spec_to_dict(spec: MockSpec) -> dict[str, Any]:

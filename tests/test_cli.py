@@ -31,10 +31,10 @@ def test_parser_has_every_design_command():
 
 @pytest.fixture(scope="module")
 def mock_sample(tmp_path_factory) -> Path:
-    from klever_nb import mock
+    from klever_nb.io import mockfiles
 
     out = tmp_path_factory.mktemp("mock")
-    return mock.write_demo_sample(out, seed=1)
+    return mockfiles.write_demo_sample(out, seed=1)
 
 
 def _galaxy_dirs(sample: Path) -> list[Path]:

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from klever_nb import cli, mock, sample_run
+from klever_nb.io import mockfiles
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,7 +31,7 @@ def _tiny(name: str, seed: int, z: float = 1.4, log_mstar: float = 9.5) -> mock.
 def inputs(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("sample_inputs")
     for i in range(3):
-        toml = mock.write_mock(mock.make_mock(_tiny(f"tiny{i}", seed=10 + i,
+        toml = mockfiles.write_mock(mock.make_mock(_tiny(f"tiny{i}", seed=10 + i,
                                                     log_mstar=9.2 + 0.3 * i)), root / f"tiny{i}")
         toml.write_text(toml.read_text() + "\n[analysis]\nforward_gradient = false\n")
     return root

@@ -25,7 +25,7 @@ import xarray as xr
 from klever_nb import mock, pipeline
 from klever_nb.config import load_galaxy
 from klever_nb.errors import ConfigError
-from klever_nb.io import read_datatree
+from klever_nb.io import mockfiles, read_datatree
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,7 +40,7 @@ def klever(*args) -> subprocess.CompletedProcess:
 def galaxy(tmp_path_factory) -> Path:
     """The unlensed demo mock without the (slow) forward-modelled gradient."""
     folder = tmp_path_factory.mktemp("edge")
-    toml = mock.write_mock(mock.make_mock(mock.demo_specs()[1]), folder / "in" / "g")
+    toml = mockfiles.write_mock(mock.make_mock(mock.demo_specs()[1]), folder / "in" / "g")
     toml.write_text(toml.read_text() + "\n[analysis]\nforward_gradient = false\n")
     return toml
 

@@ -29,6 +29,7 @@ from astropy.io import fits
 
 from klever_nb import mock, pipeline
 from klever_nb.errors import KleverError
+from klever_nb.io import mockfiles
 
 ROOT = Path(__file__).resolve().parents[1]
 KLEVER = [sys.executable, "-m", "klever_nb.cli"]
@@ -52,7 +53,7 @@ def klever(*args, cwd=None, timeout=300) -> subprocess.CompletedProcess:
 def galaxy(tmp_path_factory) -> Path:
     """The unlensed demo mock's galaxy.toml (cubes YJ, H, K)."""
     folder = tmp_path_factory.mktemp("mock")
-    return mock.write_mock(mock.make_mock(mock.demo_specs()[SPEC_INDEX]), folder / "g")
+    return mockfiles.write_mock(mock.make_mock(mock.demo_specs()[SPEC_INDEX]), folder / "g")
 
 
 def _copy(galaxy: Path, tmp_path: Path) -> Path:

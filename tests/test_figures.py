@@ -12,6 +12,7 @@ import pytest
 matplotlib.use("Agg")
 
 from klever_nb import cli, figures, mock, sample, sample_run  # noqa: E402
+from klever_nb.io import mockfiles
 
 
 def test_figures_from_the_paper_tables_carry_captions():
@@ -34,7 +35,7 @@ def test_figures_from_the_paper_tables_carry_captions():
 def test_klever_nb_figures_from_a_results_folder(tmp_path):
     spec = mock.MockSpec(name="tinyfig", redshift=1.4, bands=("YJ", "H"), shape=(12, 12),
                          log_mstar=9.6, seed=5, snr_halpha_peak=40.0)
-    toml = mock.write_mock(mock.make_mock(spec), tmp_path / "in" / "tinyfig")
+    toml = mockfiles.write_mock(mock.make_mock(spec), tmp_path / "in" / "tinyfig")
     toml.write_text(toml.read_text() + "\n[analysis]\nforward_gradient = false\n")
     (tmp_path / "in" / "sample.toml").write_text('galaxies = ["tinyfig/galaxy.toml"]\n')
     results = tmp_path / "results"

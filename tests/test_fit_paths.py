@@ -18,6 +18,7 @@ from klever_nb import align, cli, constants, fitting, mock, pipeline, sky
 from klever_nb.config import load_galaxy
 from klever_nb.errors import ConfigError
 from klever_nb.fitting import FitSettings
+from klever_nb.io import mockfiles
 
 C = constants.C_KMS
 K_WAVE = np.linspace(1.92, 2.46, 2048)
@@ -30,7 +31,7 @@ Z = 2.2
 # ---------------------------------------------------------------------------
 def test_fit_command_and_run_give_identical_maps_for_the_same_cube(tmp_path):
     spec = mock.demo_specs()[1]  # z = 2.2, YJ/H/K
-    toml = mock.write_mock(mock.make_mock(spec), tmp_path / "in")
+    toml = mockfiles.write_mock(mock.make_mock(spec), tmp_path / "in")
     cfg = load_galaxy(toml)
     run_maps = pipeline._fit_stage(pipeline.read_galaxy_cubes(cfg), cfg).data  # line_maps.nc
     z_run = run_maps.attrs["redshift"]

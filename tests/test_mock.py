@@ -15,6 +15,7 @@ from astropy.wcs import WCS
 from klever_nb import constants, cosmology, mock
 from klever_nb.config import load_galaxy, load_sample
 from klever_nb.errors import ConfigError
+from klever_nb.io import mockfiles
 from klever_nb.lensmodels import ParametricLens
 
 
@@ -31,8 +32,8 @@ def unlensed():
 @pytest.fixture(scope="module")
 def written(tmp_path_factory, lensed, unlensed):
     root = tmp_path_factory.mktemp("mocks")
-    return {"lensed": mock.write_mock(lensed, root / "lensed"),
-            "unlensed": mock.write_mock(unlensed, root / "unlensed")}
+    return {"lensed": mockfiles.write_mock(lensed, root / "lensed"),
+            "unlensed": mockfiles.write_mock(unlensed, root / "unlensed")}
 
 
 def _small(**kwargs) -> mock.MockSpec:
@@ -320,7 +321,7 @@ def test_demo_sample_writes_every_galaxy_and_a_sample_file(tmp_path):
     specs = mock.demo_specs()
     assert len(specs) >= 2
     assert any(s.lens is not None for s in specs) and any(s.lens is None for s in specs)
-    sample = mock.write_demo_sample(tmp_path)
+    sample = mockfiles.write_demo_sample(tmp_path)
     paths = load_sample(sample)
     assert [p.parent.name for p in paths] == [s.name for s in specs]
     for path in paths:
@@ -477,7 +478,7 @@ def test_dead_spaxels_are_nan_in_flux_and_noise_of_every_band(tmp_path):
     assert np.isnan(galaxy.cubes["H"]["noise"].values[:, masks[0]]).all()
     assert not np.isnan(galaxy.noiseless["H"]["flux"].values).any()
     assert not np.isnan(galaxy.noiseless["H"]["noise"].values).any()
-    path = mock.write_mock(galaxy, tmp_path)
+    path = mockfiles.write_mock(galaxy, tmp_path)
     with fits.open(path.parent / "cubes" / "tiny_H.fits") as hdul:
         assert np.isnan(hdul["DATA"].data).all(axis=0).sum() == 5
 
@@ -488,7 +489,7 @@ def test_sinfoni_mock_is_written_in_the_sinfoni_layout(tmp_path):
     galaxy = mock.make_mock(spec)
     assert galaxy.cubes["H"].attrs["resolving_power"] == constants.INSTRUMENTS[
         "SINFONI"].bands["H"].resolving_power
-    path = mock.write_mock(galaxy, tmp_path)
+    path = mockfiles.write_mock(galaxy, tmp_path)
     with fits.open(path.parent / "cubes" / "sinf_H.fits") as hdul:
         assert len(hdul) == 1 and hdul[0].data.shape == (2048, 10, 10)
         assert hdul[0].header["INSTRUME"] == "SINFONI"

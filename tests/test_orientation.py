@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from klever_nb import mock, pipeline
+from klever_nb.io import mockfiles
 from klever_nb.lensmodels import ParametricLens
 
 ANGLES = (0.0, 45.0, 90.0, 135.0)
@@ -40,7 +41,7 @@ def summaries(tmp_path_factory):
     out = {}
     for angle in ANGLES:
         root = tmp_path_factory.mktemp(f"rot{int(angle)}")
-        toml = mock.write_mock(mock.make_mock(_spec(angle)), root / "inputs")
+        toml = mockfiles.write_mock(mock.make_mock(_spec(angle)), root / "inputs")
         path = pipeline.run_galaxy(toml, root / "products", progress=False)
         out[angle] = json.loads(path.read_text())
     return out

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from klever_nb import mock, pipeline
-from klever_nb.io import read_datatree, read_netcdf
+from klever_nb.io import mockfiles, read_datatree, read_netcdf
 
 SUMMARY_KEYS = {
     "name", "redshift", "lensed", "halpha_flux", "halpha_flux_err", "mu_halpha", "mu_maps",
@@ -25,7 +25,7 @@ PRODUCTS = ["cubes_aligned.nc", "line_maps.nc", "source_maps.nc", "metallicity.n
 def runs(tmp_path_factory) -> dict[str, tuple[Path, dict, dict]]:
     """Write the demo mocks, run two of them (no forward gradient: tested on its own)."""
     root = tmp_path_factory.mktemp("pipeline")
-    sample = mock.write_demo_sample(root / "inputs", seed=3)
+    sample = mockfiles.write_demo_sample(root / "inputs", seed=3)
     out = {}
     for toml in sorted(sample.parent.rglob("galaxy.toml")):
         if toml.parent.name not in {"mock-lensed-z1.4", "mock-unlensed-z2.2"}:
@@ -110,7 +110,7 @@ def test_ifu_maps_are_registered_on_the_hst_image(tmp_path):
     import dataclasses
 
     spec = dataclasses.replace(mock.demo_specs()[2], cube_offset_arcsec=(0.2, -0.1))
-    toml = mock.write_mock(mock.make_mock(spec), tmp_path / "in")
+    toml = mockfiles.write_mock(mock.make_mock(spec), tmp_path / "in")
     toml.write_text(toml.read_text() + "\n[analysis]\nforward_gradient = false\n")
     summary = json.loads(pipeline.run_galaxy(toml, tmp_path / "out").read_text())
     dy, dx = summary["hst_shift_arcsec"]

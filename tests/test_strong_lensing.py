@@ -16,6 +16,7 @@ import json
 import pytest
 
 from klever_nb import cli, mock
+from klever_nb.io import mockfiles
 from klever_nb.lensmodels import ParametricLens
 
 #: |recovered - true| < N_SIGMA * quoted error + floor.
@@ -43,7 +44,7 @@ def run(tmp_path_factory):
     spec = _spec()
     galaxy = mock.make_mock(spec)
     root = tmp_path_factory.mktemp("strong_lensing")
-    toml = mock.write_mock(galaxy, root / "input")
+    toml = mockfiles.write_mock(galaxy, root / "input")
     assert cli.main(["run", str(toml), "--out", str(root / "out")]) in (0, None)
     summary = json.loads((root / "out" / spec.name / "summary.json").read_text())
     return spec, galaxy.truth, summary
