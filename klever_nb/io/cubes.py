@@ -19,6 +19,11 @@ MaNGA                  ``FLUX`` / ``IVAR`` / ``MASK``, ``WAVE``  inverse varianc
 SINFONI / bare         primary (or first 3-D) HDU           estimated from the data
 =====================  ===================================  ===========================
 
+Modules: this one finds the layout (which HDU holds data, noise, mask, wavelengths) and
+builds the Dataset; :mod:`klever_nb.io.cube_header` parses the headers (wavelength axis,
+air/vacuum, units, instrument/band, celestial WCS); :mod:`klever_nb.io.cube_lazy` reads
+sections of cubes larger than memory (``lazy=True``).
+
 References
 ----------
 DESIGN.md "Data model" and "Input files"; FACTS.md §6 (air/vacuum) and §8 (KMOS/SINFONI
@@ -27,7 +32,6 @@ format); issues 3 and 12.
 
 from __future__ import annotations
 
-import os
 import re
 import warnings
 from dataclasses import dataclass
@@ -37,21 +41,50 @@ import astropy.units as u
 import numpy as np
 import xarray as xr
 from astropy.io import fits
-from astropy.wcs import WCS, FITSFixedWarning
-from astropy.wcs.utils import proj_plane_pixel_area
 from scipy.ndimage import median_filter
 from xarray.core import indexing
 
-from klever_nb.celestial import WCS_ERRORS
-from klever_nb.constants import INSTRUMENTS
 from klever_nb.errors import ConfigError, InputError
+from klever_nb.io.cube_header import (
+    _WAVE_TABLE_NAMES,
+    _band_from_headers,
+    _band_from_range,
+    _canonical_instrument,
+    _celestial,
+    _flux_unit,
+    _fnu_to_flambda,
+    _hdu_name,
+    _input_error,
+    _instrument_from_headers,
+    _is_cube,
+    _noise_to_sigma,
+    _noise_unit_scale,
+    _one_line,
+    _resolving_power,
+    _wave_from_header,
+    _wave_from_table,
+    air_to_vacuum,
+    vacuum_to_air,
+)
+from klever_nb.io.cube_lazy import (
+    MEMORY_BUDGET_ENV,
+    _any_usable,
+    _check_fits_in_memory,
+    _file_compression,
+    _hdu_shape,
+    _lazy_source,
+    _LazyCubeArray,
+    memory_budget_bytes,
+)
 
 __all__ = [
+    "MEMORY_BUDGET_ENV",
     "NOISE_KINDS",
     "WAVELENGTH_MEDIA",
     "WavelengthMediumWarning",
     "air_to_vacuum",
     "estimate_noise",
+    "memory_budget_bytes",
     "open_cube",
     "vacuum_to_air",
 ]
@@ -69,114 +102,13 @@ _NOISE_NAMES = {
 }
 _MASK_NAMES = ("MASK", "DQ", "BADPIX", "QUALITY", "FIELDMAP")
 _DATA_NAMES = ("DATA", "SCI", "FLUX")
-_WAVE_TABLE_NAMES = ("WAVE", "WAVELENGTH", "LAMBDA")
-
-#: Canonical instrument names, keyed by what INSTRUME may contain.
-_INSTRUMENT_NAMES = {
-    "KMOS": "KMOS", "SINFONI": "SINFONI", "MUSE": "MUSE", "NIRSPEC": "NIRSpec",
-    "MIRI": "MIRI", "GMOS": "GMOS", "MANGA": "MaNGA",
-}
-
-#: CTYPE3 values (first 4 characters for the standard ones) that mean wavelength.
-_CTYPE_MEDIUM = {"WAVE": "vacuum", "AWAV": "air"}
-_CTYPE_NONSTANDARD = ("LAMBDA", "LINEAR", "WAVELENGTH", "WAVELEN", "LAMBDA_AIR", "SPECTRAL")
 
 #: Cubes whose medium is not stated are assumed vacuum from this wavelength on (issue 12).
 _VACUUM_FROM_UM = 1.0
 
-#: Target units of JWST-like f_nu surface brightness cubes.
-_FLAMBDA_SB = u.erg / u.s / u.cm**2 / u.AA / u.arcsec**2
-_FLAMBDA = u.erg / u.s / u.cm**2 / u.AA
-
 
 class WavelengthMediumWarning(UserWarning):
     """The cube's header does not say whether its wavelengths are in air or in vacuum."""
-
-
-# ---------------------------------------------------------------------------
-# Air <-> vacuum (IAU standard)
-# ---------------------------------------------------------------------------
-def _refractive_index_minus_one(wave_vac_um: np.ndarray) -> np.ndarray:
-    """n - 1 of standard dry air (15 °C, 101 325 Pa, 450 ppm CO2) at vacuum wavelength (µm)."""
-    s2 = (1.0 / wave_vac_um) ** 2  # vacuum wavenumber squared, µm^-2
-    return 8.34254e-5 + 2.406147e-2 / (130.0 - s2) + 1.5998e-4 / (38.9 - s2)
-
-
-def vacuum_to_air(wave_um) -> np.ndarray:
-    """Convert vacuum wavelengths (µm) to standard air, IAU standard.
-
-    Parameters
-    ----------
-    wave_um : array_like
-        Vacuum wavelengths in micron (valid above ~0.2 µm).
-
-    Returns
-    -------
-    numpy.ndarray
-        Air wavelengths in micron, ``wave_vac / n(wave_vac)``.
-
-    References
-    ----------
-    Morton 2000 (ApJS 130, 403) eq. 8, the IAU standard, which uses the Ciddor 1996
-    (Appl. Opt. 35, 1566) refractive index of standard air; FACTS.md §6.
-
-    Examples
-    --------
-    >>> round(float(vacuum_to_air(0.656461)) * 1e4, 2)
-    6562.8
-    """
-    wave = np.asarray(wave_um, dtype=np.float64)
-    return wave / (1.0 + _refractive_index_minus_one(wave))
-
-
-def air_to_vacuum(wave_um) -> np.ndarray:
-    """Convert standard-air wavelengths (µm) to vacuum, IAU standard.
-
-    The exact inverse of :func:`vacuum_to_air`: ``wave_vac = wave_air · n(wave_vac)``,
-    solved by fixed-point iteration (converged to machine precision in four steps,
-    since dn/dλ is tiny).
-
-    Parameters
-    ----------
-    wave_um : array_like
-        Air wavelengths in micron.
-
-    Returns
-    -------
-    numpy.ndarray
-        Vacuum wavelengths in micron.
-
-    References
-    ----------
-    Morton 2000 (ApJS 130, 403) eq. 8 with the Ciddor 1996 index (IAU standard);
-    FACTS.md §6 (Hα 6562.80 Å air = 6564.61 Å vacuum; +6.0 Å at 2.2 µm).
-
-    Examples
-    --------
-    >>> round(float(air_to_vacuum(0.656280)) * 1e4, 2)
-    6564.61
-    """
-    air = np.asarray(wave_um, dtype=np.float64)
-    vac = air * (1.0 + _refractive_index_minus_one(air))
-    for _ in range(4):
-        vac = air * (1.0 + _refractive_index_minus_one(vac))
-    return vac
-
-
-# ---------------------------------------------------------------------------
-# Errors
-# ---------------------------------------------------------------------------
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
-
-
-def _input_error(path, hdu, key, problem: str, fix: str) -> InputError:
-    where = f"{path}"
-    if hdu is not None:
-        where += f", HDU '{hdu}'"
-    if key is not None:
-        where += f", key {key}"
-    return InputError(_one_line(f"{where}: {problem}; {fix}"))
 
 
 # ---------------------------------------------------------------------------
@@ -201,23 +133,6 @@ def _open_fits(path: Path, memmap: bool = False) -> fits.HDUList:
             raise _input_error(path, None, None, f"truncated or corrupted FITS file ({w.message})",
                                "re-download or re-write the file")
     return hdul
-
-
-def _hdu_name(hdul: fits.HDUList, index: int) -> str:
-    name = hdul[index].name.strip().upper()
-    return name or ("PRIMARY" if index == 0 else str(index))
-
-
-def _is_cube(hdu) -> bool:
-    """A 3-D image HDU with data, decided from the header (the data stay unread)."""
-    header = hdu.header
-    if isinstance(hdu, fits.CompImageHDU):
-        return header.get("ZNAXIS", header.get("NAXIS", 0)) == 3 and all(
-            int(header.get(f"ZNAXIS{i}", header.get(f"NAXIS{i}", 0)) or 0) > 0
-            for i in (1, 2, 3))
-    return (isinstance(hdu, fits.PrimaryHDU | fits.ImageHDU)
-            and header.get("NAXIS", 0) == 3
-            and all(int(header.get(f"NAXIS{i}", 0) or 0) > 0 for i in (1, 2, 3)))
 
 
 @dataclass(frozen=True)
@@ -323,255 +238,8 @@ def _find_layout(path: Path, hdul: fits.HDUList, ifu) -> _Layout:
 
 
 # ---------------------------------------------------------------------------
-# Header look-ups: instrument, band
-# ---------------------------------------------------------------------------
-def _get(headers, key, default=None):
-    for header in headers:
-        if key in header and header[key] not in (None, ""):
-            return header[key]
-    return default
-
-
-def _instrument_from_headers(headers, hint: str) -> str:
-    text = " ".join(str(_get(headers, key, "")) for key in ("INSTRUME", "TELESCOP", "SURVEY"))
-    text = text.upper()
-    if "MANGAID" in " ".join(k.upper() for h in headers for k in h):
-        text += " MANGA"
-    for key, name in _INSTRUMENT_NAMES.items():
-        if key in text:
-            return name
-    return hint or "unknown"
-
-
-def _canonical_instrument(instrument: str) -> str:
-    return _INSTRUMENT_NAMES.get(instrument.strip().upper(), instrument.strip())
-
-
-def _band_from_headers(headers) -> str:
-    for key in ("HIERARCH ESO INS GRAT1 ID", "HIERARCH ESO INS GRAT1 NAME",
-                "HIERARCH ESO INS FILT1 NAME", "HIERARCH ESO INS FILT1 ID"):
-        value = _get(headers, key)
-        if value is not None:
-            return str(value).strip().upper().replace("+", "")
-    grating, filt = _get(headers, "GRATING"), _get(headers, "FILTER")  # JWST NIRSpec
-    if grating and str(grating).upper() not in ("N/A", "NONE"):
-        return "/".join(str(v).strip() for v in (grating, filt) if v and str(v) != "N/A")
-    channel, band = _get(headers, "CHANNEL"), _get(headers, "BAND")  # JWST MIRI
-    if channel and band:
-        return f"ch{str(channel).strip()}-{str(band).strip().lower()}"
-    return ""
-
-
-def _band_from_range(instrument: str, wave_um: np.ndarray) -> str:
-    """The band of ``instrument`` that holds ≥ 90 % of the cube's range (best overlap/union)."""
-    if instrument not in INSTRUMENTS or wave_um.size < 2:
-        return ""
-    lo, hi = float(np.nanmin(wave_um)), float(np.nanmax(wave_um))
-    best, best_score = "", -1.0
-    for name, band in INSTRUMENTS[instrument].bands.items():
-        overlap = min(hi, band.wave_max) - max(lo, band.wave_min)
-        union = max(hi, band.wave_max) - min(lo, band.wave_min)
-        if overlap < 0.9 * (hi - lo):
-            continue
-        if overlap / union > best_score:
-            best, best_score = name, overlap / union
-    return best
-
-
-def _resolving_power(instrument: str, band: str) -> float:
-    bands = INSTRUMENTS[instrument].bands if instrument in INSTRUMENTS else {}
-    return float(bands[band].resolving_power) if band in bands else float("nan")
-
-
-# ---------------------------------------------------------------------------
-# Wavelength axis
-# ---------------------------------------------------------------------------
-def _quiet_wcs(header, **kwargs) -> WCS:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FITSFixedWarning)
-        return WCS(header, **kwargs)
-
-
-def _assumed_unit(path, hdu_name, header, key: str, values) -> u.UnitBase:
-    """Unit of a wavelength axis from ``key``; when absent, from the values.
-
-    Without a unit keyword, values above 100 are Å (the IRAF convention for ``LAMBDA``),
-    values above 1e-3 are µm (KMOS/SINFONI-like), smaller ones m (the FITS default).
-    """
-    text = str(header.get(key, "") or "").strip()
-    if text:
-        try:
-            unit = u.Unit(text, parse_strict="raise")
-        except ValueError as exc:
-            raise _input_error(path, hdu_name, key, f"wavelength unit {text!r} is not a unit "
-                               "astropy can parse", "fix the keyword (e.g. 'um' or 'Angstrom')"
-                               ) from exc
-        if unit.physical_type != "length":
-            raise _input_error(path, hdu_name, key, f"spectral unit {text!r} is not a length",
-                               "only wavelength axes are supported")
-        return unit
-    typical = float(np.nanmedian(np.abs(values)))
-    return u.AA if typical > 100.0 else (u.um if typical > 1e-3 else u.m)
-
-
-def _spectral_step(header) -> float:
-    """Step of axis 3 per pixel: CD3_3, else PC3_3 × CDELT3, else CDELT3 (FITS WCS paper I)."""
-    if "CD3_3" in header:
-        return float(header["CD3_3"])
-    return float(header.get("PC3_3", 1.0)) * float(header.get("CDELT3", 1.0))
-
-
-def _wave_from_header(path, hdul, hdu_name, header,
-                      n_wave: int) -> tuple[np.ndarray, str | None, str]:
-    """Wavelengths (µm, file medium), the medium the header states (or None), and CTYPE3."""
-    ctype = str(header.get("CTYPE3", "") or "").strip().upper()
-    if not ctype:
-        raise _input_error(path, hdu_name, "CTYPE3", "no spectral axis (CTYPE3 missing)",
-                           "add CTYPE3 = 'WAVE' (vacuum) or 'AWAV' (air) with CRVAL3/CDELT3/CUNIT3")
-    for key in ("CRVAL3", "CRPIX3", "CDELT3", "CD3_3", "PC3_3"):  # issue 18: no bare ValueError
-        value = header.get(key, 0.0)
-        if isinstance(value, bool) or not isinstance(value, int | float) or \
-                not np.isfinite(value):
-            raise _input_error(path, hdu_name, key, f"{key} = {value!r} is not a number",
-                               "fix the spectral WCS keywords")
-    code, _, algorithm = ctype.partition("-")
-    algorithm = algorithm.strip("-")
-    if code in _CTYPE_MEDIUM and algorithm in ("", "LOG"):
-        medium, spectral_ctype = _CTYPE_MEDIUM[code], f"WAVE-{algorithm}" if algorithm else "WAVE"
-        unit_text = _assumed_unit(path, hdu_name, header, "CUNIT3",
-                                  np.atleast_1d(header.get("CRVAL3", 1.0))).to_string("fits")
-    elif code in _CTYPE_MEDIUM and algorithm == "TAB":  # JWST non-linear grids: WCS-TABLE
-        return _wave_from_tab(path, hdul, hdu_name, header, n_wave), _CTYPE_MEDIUM[code], ctype
-    elif ctype in _CTYPE_NONSTANDARD:
-        medium, spectral_ctype = None, "WAVE"
-        unit_text = _assumed_unit(path, hdu_name, header, "CUNIT3",
-                                  np.atleast_1d(header.get("CRVAL3", 1.0))).to_string("fits")
-    else:
-        raise _input_error(path, hdu_name, "CTYPE3", f"axis 3 is {ctype!r}, not a wavelength",
-                           "only wavelength axes (WAVE, AWAV, WAVE-LOG, LAMBDA) are supported")
-    spectral_header = {"NAXIS": 1, "NAXIS1": n_wave, "CTYPE1": spectral_ctype,
-                       "CUNIT1": unit_text, "CRVAL1": header.get("CRVAL3", 0.0),
-                       "CRPIX1": header.get("CRPIX3", 1.0), "CDELT1": _spectral_step(header)}
-    try:
-        spectral = _quiet_wcs(fits.Header(spectral_header))
-        spectral.wcs.set()
-        native = spectral.all_pix2world(np.arange(n_wave, dtype=np.float64), 0)[0]
-        wave_um = (native * u.Unit(spectral.wcs.cunit[0])).to_value(u.um)
-    except Exception as exc:  # wcslib and unit errors are many and varied
-        raise _input_error(path, hdu_name, "CRVAL3/CDELT3/CUNIT3", f"cannot compute the "
-                           f"wavelength axis ({exc})", "check the spectral WCS keywords") from exc
-    if not np.all(np.isfinite(wave_um)) or np.any(wave_um <= 0):
-        raise _input_error(path, hdu_name, "CRVAL3/CDELT3", "wavelength axis has non-positive "
-                           "or non-finite values", "check the spectral WCS keywords")
-    return wave_um, medium, ctype
-
-
-def _wave_from_tab(path, hdul, hdu_name, header, n_wave: int) -> np.ndarray:
-    """Wavelengths of a ``WAVE-TAB`` axis: table HDU ``PS3_0``, column ``PS3_1`` (FITS paper III)."""
-    table_name = str(header.get("PS3_0", "WCS-TABLE")).strip().upper()
-    column = str(header.get("PS3_1", "wavelength")).strip()
-    names = [_hdu_name(hdul, i) for i in range(len(hdul))]
-    if table_name not in names:
-        raise _input_error(path, hdu_name, "PS3_0", f"CTYPE3 is -TAB but the table HDU "
-                           f"{table_name!r} is missing", "keep the WCS-TABLE extension")
-    table = hdul[names.index(table_name)]
-    try:
-        values = np.asarray(table.data[column], dtype=np.float64).ravel()
-    except (KeyError, TypeError) as exc:
-        raise _input_error(path, table_name, "PS3_1", f"no column {column!r}",
-                           "keep the wavelength column of the WCS table") from exc
-    if values.size != n_wave:
-        raise _input_error(path, table_name, "PS3_1", f"{values.size} wavelengths for "
-                           f"{n_wave} channels", "give the matching WCS table")
-    unit_text = header.get("CUNIT3") or table.columns[column].unit or ""
-    unit = _assumed_unit(path, hdu_name, {"CUNIT3": unit_text}, "CUNIT3", values)
-    return (values * unit).to_value(u.um)
-
-
-def _wave_from_table(path, hdul, index: int, n_wave: int) -> np.ndarray:
-    hdu = hdul[index]
-    name = _hdu_name(hdul, index)
-    if isinstance(hdu, fits.BinTableHDU | fits.TableHDU):
-        columns = {c.name.upper(): c for c in hdu.columns}
-        column = next((columns[c] for c in _WAVE_TABLE_NAMES if c in columns), None)
-        if column is None:
-            raise _input_error(path, name, "TTYPE", "wavelength table has no WAVE column",
-                               "name the column WAVE")
-        values = np.asarray(hdu.data[column.name], dtype=np.float64).ravel()
-        unit = _assumed_unit(path, name, {"TUNIT": column.unit or ""}, "TUNIT", values)
-    else:
-        values = np.asarray(hdu.data, dtype=np.float64).ravel()
-        key = "CUNIT1" if "CUNIT1" in hdu.header else "BUNIT"
-        unit = _assumed_unit(path, name, hdu.header, key, values)
-    if values.size != n_wave:
-        raise _input_error(path, name, "NAXIS1", f"wavelength table has {values.size} values "
-                           f"but the cube has {n_wave} channels", "give the matching table")
-    return (values * unit).to_value(u.um)
-
-
-# ---------------------------------------------------------------------------
-# Units
-# ---------------------------------------------------------------------------
-_UNIT_TOKENS = {"A": "Angstrom", "Ang": "Angstrom", "ANGSTROM": "Angstrom", "ADU": "adu",
-                "counts": "count", "COUNTS": "count", "spaxel": "pix", "SPAXEL": "pix",
-                "pixel": "pix", "PIXEL": "pix"}
-
-
-def _parse_unit(text: str) -> u.UnitBase:
-    """BUNIT → astropy unit; tolerates 'A'/'Ang' for Ångström, 'ADU', 'counts', 'spaxel'."""
-    text = text.strip()
-    if not text:
-        return u.dimensionless_unscaled
-    tolerant = re.sub(r"[A-Za-z]+", lambda m: _UNIT_TOKENS.get(m.group(0), m.group(0)), text)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", u.UnitsWarning)
-        for attempt, candidate in enumerate((text, tolerant)):
-            for fmt in ("fits", "generic"):
-                try:
-                    unit = u.Unit(candidate.replace("^", "**") if fmt == "generic" else candidate,
-                                  format=fmt, parse_strict="raise")
-                except ValueError:
-                    continue
-                if attempt == 0 and candidate != tolerant and u.A in unit.decompose().bases:
-                    break  # 'A' read as Ampere: try the Ångström reading
-                return unit
-    raise ValueError(f"astropy cannot parse {text!r}")
-
-
-def _flux_unit(path, hdu_name, header, primary) -> tuple[u.UnitBase, str]:
-    original = str(_get([header, primary], "BUNIT", "") or "").strip()
-    try:
-        return _parse_unit(original), original
-    except ValueError as exc:
-        raise _input_error(path, hdu_name, "BUNIT", f"flux unit {original!r} is not a unit "
-                           "astropy can parse", "fix BUNIT (e.g. '1e-20 erg/s/cm2/Angstrom')"
-                           ) from exc
-
-
-def _fnu_to_flambda(unit: u.UnitBase, wave_um: np.ndarray):
-    """Per-channel factors turning an f_ν (surface brightness) unit into F_λ; None if not f_ν."""
-    for per_area, target in ((u.arcsec**2, _FLAMBDA_SB), (u.dimensionless_unscaled, _FLAMBDA)):
-        if (unit * per_area).is_equivalent(u.Jy):
-            factor = (1.0 * unit * per_area).to(_FLAMBDA, equivalencies=u.spectral_density(
-                wave_um * u.um)).value
-            return np.asarray(factor, dtype=np.float64), target
-    return None, unit
-
-
-# ---------------------------------------------------------------------------
 # Noise and masks
 # ---------------------------------------------------------------------------
-def _any_usable(source, channels: int = 64) -> bool:
-    """Whether a lazily read cube has any voxel with finite flux and noise > 0 (stops at the
-    first slab of ``channels`` channels that has one, so a normal cube costs one slab)."""
-    n_wave = source.shape[0]
-    for lo in range(0, n_wave, channels):
-        key = (slice(lo, min(lo + channels, n_wave)), slice(None), slice(None))
-        if np.isfinite(source.read(key, "noise")).any():
-            return True
-    return False
-
-
 def _nothing_usable(path, hdul, layout: _Layout, data_name: str, noise_name: str,
                     mask_name: str) -> InputError:
     """The one-line error of a cube in which no voxel has finite flux and noise > 0 (issue 18)."""
@@ -601,34 +269,6 @@ def _nothing_usable(path, hdul, layout: _Layout, data_name: str, noise_name: str
         reason = "no voxel has both a finite flux and a finite positive noise"
     return _input_error(path, noise_name, None, f"no usable spaxel: {reason}",
                         "check the noise extension (1 sigma, variance or inverse variance > 0)")
-
-
-def _noise_to_sigma(values: np.ndarray, kind: str) -> np.ndarray:
-    good = np.isfinite(values) & (values > 0)
-    out = np.full(values.shape, np.nan)
-    if kind == "sigma":
-        out[good] = values[good]
-    elif kind == "variance":
-        out[good] = np.sqrt(values[good])
-    else:
-        out[good] = 1.0 / np.sqrt(values[good])
-    return out
-
-
-def _noise_unit_scale(noise_header, flux_unit: u.UnitBase, kind: str) -> float:
-    """Scale from the noise HDU's own BUNIT (if any) to σ in flux units; 1 when unknown."""
-    text = str(noise_header.get("BUNIT", "") or "").strip()
-    if not text:
-        return 1.0
-    try:
-        unit = _parse_unit(text)
-    except ValueError:
-        return 1.0
-    sigma_unit = {"sigma": unit, "variance": unit**0.5, "inverse_variance": unit**-0.5}[kind]
-    try:
-        return float(sigma_unit.to(flux_unit))
-    except u.UnitConversionError:
-        return 1.0
 
 
 def estimate_noise(flux: np.ndarray, *, smooth_channels: int = 5) -> np.ndarray:
@@ -685,38 +325,6 @@ def _read_mask(path, hdul, index: int, shape) -> np.ndarray:
         raise _input_error(path, name, "NAXIS", f"mask shape {values.shape} does not match the "
                            f"cube {tuple(shape)}", "give a mask of the cube's shape")
     return bad
-
-
-# ---------------------------------------------------------------------------
-# Spatial WCS
-# ---------------------------------------------------------------------------
-def _celestial(header) -> tuple[str, float | None]:
-    """Celestial WCS header string and pixel scale (arcsec, sqrt|det CD|) or ("", None)."""
-    try:
-        full = _quiet_wcs(header, naxis=[1, 2])  # spatial axes only: CD + CDELT3 mixes are common
-        celestial = full.celestial
-    except WCS_ERRORS as err:  # a broken spatial WCS must not stop reading the spectra
-        warnings.warn("the cube's celestial WCS (CTYPE1/2, CRVAL1/2, CRPIX1/2, CD/PC/CDELT1/2) "
-                      f"is unreadable ({err}); the maps get no sky position or pixel scale",
-                      RuntimeWarning, stacklevel=3)
-        return "", None
-    if celestial.naxis == 2:
-        scale = np.sqrt(proj_plane_pixel_area(celestial)) * u.Unit(celestial.wcs.cunit[0])
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FITSFixedWarning)
-            text = celestial.to_header_string()
-        return text, float(scale.to_value(u.arcsec))
-    units = [str(header.get(f"CUNIT{i}", "") or "").strip() for i in (1, 2)]
-    try:
-        angles = [u.Unit(x) for x in units]
-    except ValueError:
-        return "", None
-    if all(x and a.physical_type == "angle" for x, a in zip(units, angles, strict=True)):
-        spatial = full
-        matrix = spatial.pixel_scale_matrix  # in the (possibly normalised) CUNIT of each axis
-        factors = np.array([u.Unit(c).to(u.arcsec) for c in spatial.wcs.cunit])
-        return "", float(np.sqrt(abs(np.linalg.det(matrix * factors[:, None]))))
-    return "", None
 
 
 # ---------------------------------------------------------------------------
@@ -827,22 +435,6 @@ def open_cube(path, *, noise_kind: str | None = None, wavelength_medium: str | N
         return _build_cube(path, hdul, layout, noise_kind=noise_kind,
                            wavelength_medium=wavelength_medium, band=band,
                            instrument=instrument, lazy=lazy and compression is None)
-
-
-def _check_fits_in_memory(path, hdul, layout: _Layout, compression: str) -> None:
-    """A whole-file-compressed cube is read at once: refuse it when it exceeds the budget."""
-    if not _is_cube(hdul[layout.data]):
-        return
-    n_voxels = int(np.prod(_hdu_shape(hdul[layout.data])))
-    need = n_voxels * 8 * 3  # float64 flux and noise, and the file's own copy
-    budget = memory_budget_bytes()
-    if need > budget:
-        raise _input_error(path, None, None,
-                           f"{compression}-compressed FITS cannot be memory-mapped or read in "
-                           f"chunks, and reading it whole needs ~{need / 2**30:.1f} GB (budget "
-                           f"{budget / 2**30:.1f} GB)",
-                           f"decompress it first (e.g. gunzip) so that it is read in chunks, or "
-                           f"raise {MEMORY_BUDGET_ENV}")
 
 
 def _unit_note(hdul, layout: _Layout, header) -> str:
@@ -996,295 +588,3 @@ def _build_cube(path, hdul, layout: _Layout, *, noise_kind, wavelength_medium, b
                 "y": ("y", np.arange(ny)), "x": ("x", np.arange(nx))},
         attrs=attrs,
     )
-
-
-# ---------------------------------------------------------------------------
-# Lazy (memory-mapped, section-by-section) reading for cubes larger than memory
-# ---------------------------------------------------------------------------
-#: Environment variable that sets the memory budget (MB) of whole-cube reads.
-MEMORY_BUDGET_ENV = "KLEVER_NB_MEMORY_BUDGET_MB"
-
-
-def memory_budget_bytes() -> float:
-    """Bytes a whole-cube read may use: ``$KLEVER_NB_MEMORY_BUDGET_MB``, else half the
-    available memory (psutil), else unlimited."""
-    env = os.environ.get(MEMORY_BUDGET_ENV)
-    if env:
-        try:
-            return float(env) * 2**20
-        except ValueError:
-            raise ConfigError(f"{MEMORY_BUDGET_ENV}={env!r} is not a number of MB") from None
-    try:
-        import psutil
-    except ImportError:  # pragma: no cover
-        return float("inf")
-    return 0.5 * float(psutil.virtual_memory().available)
-
-
-def _file_compression(path: Path) -> str | None:
-    """'gzip', 'bzip2' or 'zip' for a whole-file-compressed FITS (cannot be memory-mapped)."""
-    with open(path, "rb") as fh:
-        head = fh.read(4)
-    if head[:2] == b"\x1f\x8b":
-        return "gzip"
-    if head[:3] == b"BZh":
-        return "bzip2"
-    if head[:2] == b"PK":
-        return "zip"
-    return None
-
-
-def _hdu_shape(hdu) -> tuple[int, int, int]:
-    header = hdu.header
-    if isinstance(hdu, fits.CompImageHDU) and "ZNAXIS1" in header:
-        return tuple(int(header[f"ZNAXIS{i}"]) for i in (3, 2, 1))
-    return tuple(int(header[f"NAXIS{i}"]) for i in (3, 2, 1))
-
-
-def _as_slice(key, n: int):
-    """(slice to read, index into what was read or None, whether to drop the axis)."""
-    if isinstance(key, int | np.integer):
-        k = int(key) % n
-        return slice(k, k + 1), None, True
-    if isinstance(key, slice):
-        return key, None, False
-    idx = np.asarray(key, dtype=np.int64) % n
-    if idx.size == 0:
-        return slice(0, 0), None, False
-    lo, hi = int(idx.min()), int(idx.max()) + 1
-    return slice(lo, hi), idx - lo, False
-
-
-class _CubeSource:
-    """Reads sections of a cube's data (+ noise, mask) HDUs and converts them as
-    :func:`open_cube` does for the whole cube (masks, noise kind and units, bad voxels,
-    f_nu factors, wavelength order), so that only the sections asked for are in memory.
-
-    Picklable (the file is re-opened where it is used, e.g. on a dask worker).
-    """
-
-    def __init__(self, path, data: int, noise: int | None, kind: str | None, mask: int | None,
-                 shape, noise_scale: float, factors, sigma_channel=None):
-        self.path = str(path)
-        self.data, self.noise, self.kind, self.mask = data, noise, kind, mask
-        self.shape = tuple(shape)
-        self.noise_scale = float(noise_scale)
-        self.factors = factors
-        self.sigma_channel = sigma_channel
-        self.reverse = False
-        self._hdul = None
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_hdul"] = None
-        state["_fd"] = None
-        return state
-
-    def _open(self):
-        if self._hdul is None:
-            self._hdul = fits.open(self.path, memmap=True, lazy_load_hdus=True)
-        return self._hdul
-
-    def close(self) -> None:
-        if self._hdul is not None:
-            self._hdul.close()
-            self._hdul = None
-        if self.__dict__.get("_fd") is not None:
-            os.close(self._fd)
-            self._fd = None
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:  # noqa: S110 - interpreter shutdown
-            pass
-
-    _DTYPES = {8: ">u1", 16: ">i2", 32: ">i4", 64: ">i8", -32: ">f4", -64: ">f8"}
-
-    def _plain(self, index: int):
-        """(data offset, dtype, shape) of a plain (uncompressed, unscaled) image HDU, else None.
-
-        Such HDUs are read with ``os.pread`` of the rows asked for: unlike a memory map, the
-        file's pages then never count in this process's resident memory."""
-        cache = self.__dict__.setdefault("_plain_cache", {})
-        if index not in cache:
-            hdul = self._open()
-            hdu = hdul[index]
-            header = hdu.header
-            info = None
-            if (not isinstance(hdu, fits.CompImageHDU) and "BSCALE" not in header
-                    and "BZERO" not in header and header.get("BITPIX") in self._DTYPES):
-                naxis = int(header.get("NAXIS", 0))
-                shape = tuple(int(header[f"NAXIS{i}"]) for i in range(naxis, 0, -1))
-                info = (int(hdul.fileinfo(index)["datLoc"]),
-                        np.dtype(self._DTYPES[header["BITPIX"]]), shape)
-            cache[index] = info
-        return cache[index]
-
-    def _pread(self, info, planes, ys: slice, xs) -> np.ndarray:
-        offset, dtype, shape = info
-        if self.__dict__.get("_fd") is None:
-            self._fd = os.open(self.path, os.O_RDONLY)
-        ny, nx = shape[-2:]
-        y0, y1, step = ys.indices(ny)
-        y1 = max(y0, y1) if step > 0 else y1
-        rows = slice(y0, y1) if step > 0 else slice(y1 + 1, y0 + 1)
-        n_rows = max(rows.stop - rows.start, 0)
-        per_plane = ny * nx * dtype.itemsize
-        out = np.empty((len(planes), n_rows, nx), dtype=dtype)
-        nbytes = n_rows * nx * dtype.itemsize
-        for k, plane in enumerate(planes):
-            start = offset + int(plane) * per_plane + rows.start * nx * dtype.itemsize
-            buf = os.pread(self._fd, nbytes, start)
-            if len(buf) != nbytes:
-                raise _input_error(self.path, None, None, "file is shorter than its header "
-                                   "says (truncated)", "re-download or re-write the file")
-            out[k] = np.frombuffer(buf, dtype=dtype).reshape(n_rows, nx)
-        sub = slice(None, None, step) if step > 0 else slice(None, None, step)
-        if step != 1:
-            out = out[:, sub] if step > 0 else out[:, ::-1][:, ::-step]
-        return out[:, :, xs]
-
-    def _array(self, index: int):
-        """The HDU's memory map (plain images), else its section reader (compressed or
-        scaled integers: astropy decompresses/scales only the tiles asked for)."""
-        hdu = self._open()[index]
-        header = hdu.header
-        if isinstance(hdu, fits.CompImageHDU) or "BSCALE" in header or "BZERO" in header:
-            return hdu.section
-        return hdu.data
-
-    def _section(self, index: int, wave_idx, ys, xs) -> np.ndarray:
-        info = self._plain(index)
-        if info is not None and len(info[2]) == 3:
-            return np.asarray(self._pread(info, wave_idx, ys, xs), dtype=np.float64)
-        array = self._array(index)
-        lo, hi = int(wave_idx.min()), int(wave_idx.max()) + 1
-        if hi - lo == wave_idx.size:  # sorted and unique: a contiguous run of channels
-            block = array[lo:hi, ys, xs]
-        elif isinstance(array, np.ndarray):
-            block = array[wave_idx, ys, xs]  # only these planes' rows are touched
-        else:
-            block = np.stack([array[int(i), ys, xs] for i in wave_idx])
-        return np.asarray(block, dtype=np.float64)
-
-    def read(self, key, which: str) -> np.ndarray:
-        """Section ``key`` (outer indexing on (wave, y, x), increasing wavelength)."""
-        n_wave, ny, nx = self.shape
-        wave_idx = np.arange(n_wave)[key[0]]
-        drop_w = np.ndim(wave_idx) == 0
-        wave_idx = np.atleast_1d(wave_idx)
-        ys, ysub, drop_y = _as_slice(key[1], ny)
-        xs, xsub, drop_x = _as_slice(key[2], nx)
-        shape_out = (wave_idx.size, len(range(*ys.indices(ny))), len(range(*xs.indices(nx))))
-        if wave_idx.size == 0 or 0 in shape_out:
-            out = np.zeros(shape_out)
-        else:
-            file_idx = n_wave - 1 - wave_idx if self.reverse else wave_idx
-            order = np.argsort(file_idx, kind="stable")
-            sorted_idx = file_idx[order]
-            flux = self._section(self.data, sorted_idx, ys, xs)
-            if self.mask is not None:
-                mhdu = self._open()[self.mask]
-                if mhdu.header.get("NAXIS", 0) == 3:
-                    mvals = np.asarray(self._section(self.mask, sorted_idx, ys, xs))
-                else:
-                    mvals = np.asarray(self._array(self.mask)[ys, xs], dtype=np.float64)[None]
-                name = mhdu.name.strip().upper()
-                bad = mvals == 0 if name.endswith("FIELDMAP") else mvals != 0
-                flux[np.broadcast_to(bad, flux.shape)] = np.nan
-            if self.noise is None:
-                noise = np.broadcast_to(self.sigma_channel[sorted_idx][:, None, None],
-                                        flux.shape).copy()
-            else:
-                noise = _noise_to_sigma(self._section(self.noise, sorted_idx, ys, xs),
-                                        self.kind)
-                noise *= self.noise_scale
-            bad = ~np.isfinite(flux) | ~np.isfinite(noise) | (noise <= 0)
-            flux[bad] = np.nan
-            noise[bad] = np.nan
-            if self.factors is not None:
-                flux *= self.factors[sorted_idx][:, None, None]
-                noise *= self.factors[sorted_idx][:, None, None]
-            out = flux if which == "flux" else noise
-            inverse = np.empty_like(order)
-            inverse[order] = np.arange(order.size)
-            out = out[inverse]
-        if ysub is not None:
-            out = out[:, ysub]
-        if xsub is not None:
-            out = out[:, :, xsub]
-        index = tuple(0 if drop else slice(None) for drop in (drop_w, drop_y, drop_x))
-        return out[index]
-
-
-class _LazyCubeArray(xr.backends.BackendArray):
-    """xarray view of one variable of a :class:`_CubeSource` (outer indexing, read on demand)."""
-
-    def __init__(self, source: _CubeSource, which: str):
-        self.source = source
-        self.which = which
-        self.shape = source.shape
-        self.dtype = np.dtype(np.float64)
-
-    def __getitem__(self, key):
-        return indexing.explicit_indexing_adapter(
-            key, self.shape, indexing.IndexingSupport.OUTER, self._raw)
-
-    def _raw(self, key):
-        return self.source.read(key, self.which)
-
-
-def _estimate_noise_chunked(source: _CubeSource, smooth_channels: int = 5) -> np.ndarray:
-    """:func:`estimate_noise` (the same numbers) from blocks of channels of the file."""
-    n_wave, ny, nx = source.shape
-    block = max(8, int(2**24 // max(ny * nx, 1)))
-    sigma = np.full(n_wave, np.nan)
-    key_all = (slice(None), slice(None))
-    for c0 in range(2, max(n_wave - 2, 2), block):
-        c1 = min(n_wave - 2, c0 + block)
-        flux = source.read((np.arange(c0 - 2, c1 + 2),) + key_all, "flux").reshape(
-            c1 - c0 + 4, -1)
-        second = 2.0 * flux[2:-2] - flux[:-4] - flux[4:]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            centre = np.nanmedian(second, axis=1, keepdims=True)
-            sigma[c0:c1] = 1.482602 * np.nanmedian(np.abs(second - centre), axis=1) / np.sqrt(6)
-    good = np.isfinite(sigma) & (sigma > 0)
-    if not good.any():
-        return np.full(n_wave, np.nan)
-    index = np.arange(n_wave)
-    sigma = np.interp(index, index[good], sigma[good])
-    return median_filter(sigma, size=max(1, int(smooth_channels)), mode="nearest")
-
-
-def _lazy_source(path, hdul, layout: _Layout, shape, flux_unit, noise_kind, factors):
-    """The section reader of a cube, its noise HDU name, kind, attrs and estimate method."""
-    if layout.mask is not None:
-        mask_hdu = hdul[layout.mask]
-        mshape = tuple(int(mask_hdu.header.get(f"NAXIS{i}", 0))
-                       for i in range(int(mask_hdu.header.get("NAXIS", 0)), 0, -1))
-        if mshape != tuple(shape) and mshape != tuple(shape[1:]):
-            raise _input_error(path, _hdu_name(hdul, layout.mask), "NAXIS",
-                               f"mask shape {mshape} does not match the cube {tuple(shape)}",
-                               "give a mask of the cube's shape")
-    if layout.noise is None:
-        source = _CubeSource(path, layout.data, None, None, layout.mask, shape, 1.0, factors,
-                             sigma_channel=np.ones(shape[0]))
-        source.sigma_channel = _estimate_noise_chunked(source)
-        method = ("estimated per channel: 1.4826*MAD over spaxels of "
-                  "(2f_i - f_(i-2) - f_(i+2))/sqrt(6), running median over 5 channels "
-                  "(DER_SNR, Stoehr et al. 2008)")
-        return source, "", "none", {}, method
-    noise_hdu = hdul[layout.noise]
-    noise_name = _hdu_name(hdul, layout.noise)
-    kind = noise_kind or layout.noise_kind
-    if not _is_cube(noise_hdu) or _hdu_shape(noise_hdu) != tuple(shape):
-        found = _hdu_shape(noise_hdu) if _is_cube(noise_hdu) else None
-        raise _input_error(path, noise_name, "NAXIS", f"noise shape {found} differs from "
-                           f"the data shape {tuple(shape)}", "give a noise cube of the same shape")
-    scale = _noise_unit_scale(noise_hdu.header, flux_unit, kind)
-    source = _CubeSource(path, layout.data, layout.noise, kind, layout.mask, shape, scale,
-                         factors)
-    attrs = {"units_original": str(noise_hdu.header.get("BUNIT", "") or "")}
-    return source, noise_name, kind, attrs, ""
