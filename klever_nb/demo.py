@@ -36,7 +36,7 @@ from klever_nb import __version__
 #: Environment variable naming the cache folder.
 CACHE_ENV = "KLEVER_NB_CACHE"
 #: Bump when the layout of a cached demo folder changes.
-_LAYOUT = 1
+_LAYOUT = 2  # 2: the truth is the one write_mock puts in input/truth.json
 #: Stage records that :func:`klever_nb.pipeline.run_galaxy` writes, in order (progress).
 _STAGES = (("line fitting", ".fit.json"), ("source plane", ".lens.json"),
            ("metallicity", ".metallicity.json"), ("gradient", ".gradient.json"))
@@ -74,14 +74,6 @@ def _locked(path: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    return str(value)
-
-
 def _build(index: int, folder: Path) -> None:
     """Write the mock's inputs and truth, then run every pipeline stage (in this process)."""
     from klever_nb import mock, pipeline
@@ -89,8 +81,7 @@ def _build(index: int, folder: Path) -> None:
 
     spec = _spec(index)
     galaxy = mock.make_mock(spec)
-    toml_path = mockfiles.write_mock(galaxy, folder / "input")
-    (folder / "truth.json").write_text(json.dumps(galaxy.truth, default=_json_default, indent=1))
+    toml_path = mockfiles.write_mock(galaxy, folder / "input")  # with input/truth.json
     del galaxy
     import warnings
 
@@ -117,7 +108,7 @@ def _build_in_subprocess(index: int, folder: Path, progress: bool) -> None:
     try:
         while proc.poll() is None:
             time.sleep(0.5)
-            now = int((folder / "truth.json").is_file()) + sum(
+            now = int((folder / "input" / "truth.json").is_file()) + sum(
                 any((folder / "products").glob(f"*/{record}")) for _, record in _STAGES)
             if now > done:
                 bar.update(now - done)
@@ -246,7 +237,7 @@ def demo_galaxy(index: int = 0, *, progress: bool = True, rebuild: bool = False)
     return DemoGalaxy(folder=folder, products=products,
                       toml_path=Path((folder / "toml_path.txt").read_text()),
                       summary=json.loads((products / "summary.json").read_text()),
-                      truth=json.loads((folder / "truth.json").read_text()))
+                      truth=json.loads((folder / "input" / "truth.json").read_text()))
 
 
 # ---------------------------------------------------------------------------
