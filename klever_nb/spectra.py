@@ -31,6 +31,7 @@ from scipy import ndimage
 
 from klever_nb import constants
 from klever_nb.errors import ConfigError, InputError
+from klever_nb.lazyarray import SectionArray
 
 FWHM_PER_SIGMA = constants.FWHM_PER_SIGMA
 #: Aperture radius used when a cube has no angular pixel scale (K20 §3.1: 0.6" / 0.2").
@@ -177,22 +178,6 @@ class _SmoothedSection:
         return state
 
 
-class _SmoothedArray(xr.backends.BackendArray):
-    def __init__(self, source: _SmoothedSection, which: str, shape):
-        self.source, self.which = source, which
-        self.shape = tuple(shape)
-        self.dtype = np.dtype(np.float64)
-
-    def __getitem__(self, key):
-        from xarray.core import indexing
-
-        return indexing.explicit_indexing_adapter(
-            key, self.shape, indexing.IndexingSupport.OUTER, self._raw)
-
-    def _raw(self, key):
-        return self.source.read(key, self.which)
-
-
 def _smooth_lazily(cube: xr.Dataset, fwhm_arcsec: float) -> xr.Dataset:
     """:func:`smooth_cube` of a lazily read cube (``open_cube(lazy=True)``): the same
     numbers, computed section by section when read, so the cube never is in memory."""
@@ -205,7 +190,7 @@ def _smooth_lazily(cube: xr.Dataset, fwhm_arcsec: float) -> xr.Dataset:
     out = cube.copy(deep=False)
     for name in ("flux", "noise"):
         out[name] = xr.Variable(("wave", "y", "x"),
-                                indexing.LazilyIndexedArray(_SmoothedArray(source, name, shape)),
+                                indexing.LazilyIndexedArray(SectionArray(source, name, shape)),
                                 dict(cube[name].attrs))
     out.attrs.update(
         smooth_fwhm_arcsec=float(fwhm_arcsec), smooth_sigma_pix=float(sigma_pix),

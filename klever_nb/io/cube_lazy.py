@@ -20,10 +20,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import xarray as xr
 from astropy.io import fits
 from scipy.ndimage import median_filter
-from xarray.core import indexing
 
 from klever_nb.errors import ConfigError
 from klever_nb.io.cube_header import (
@@ -281,23 +279,6 @@ class _CubeSource:
             out = out[:, :, xsub]
         index = tuple(0 if drop else slice(None) for drop in (drop_w, drop_y, drop_x))
         return out[index]
-
-
-class _LazyCubeArray(xr.backends.BackendArray):
-    """xarray view of one variable of a :class:`_CubeSource` (outer indexing, read on demand)."""
-
-    def __init__(self, source: _CubeSource, which: str):
-        self.source = source
-        self.which = which
-        self.shape = source.shape
-        self.dtype = np.dtype(np.float64)
-
-    def __getitem__(self, key):
-        return indexing.explicit_indexing_adapter(
-            key, self.shape, indexing.IndexingSupport.OUTER, self._raw)
-
-    def _raw(self, key):
-        return self.source.read(key, self.which)
 
 
 def _estimate_noise_chunked(source: _CubeSource, smooth_channels: int = 5) -> np.ndarray:

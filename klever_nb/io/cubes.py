@@ -73,9 +73,9 @@ from klever_nb.io.cube_lazy import (
     _file_compression,
     _hdu_shape,
     _lazy_source,
-    _LazyCubeArray,
     memory_budget_bytes,
 )
+from klever_nb.lazyarray import SectionArray
 
 __all__ = [
     "MEMORY_BUDGET_ENV",
@@ -512,8 +512,8 @@ def _build_cube(path, hdul, layout: _Layout, *, noise_kind, wavelength_medium, b
         if reverse:
             wave_um = wave_um[::-1]
             source.reverse = True
-        flux = _LazyCubeArray(source, "flux")
-        noise = _LazyCubeArray(source, "noise")
+        flux = SectionArray(source, "flux")
+        noise = SectionArray(source, "noise")
     else:
         if layout.mask is not None:
             mask_name = _hdu_name(hdul, layout.mask)
