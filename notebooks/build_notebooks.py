@@ -259,16 +259,18 @@ import warnings
 
 import matplotlib.pyplot as plt
 
-from klever_nb import fitting, lensing, mock
+from klever_nb import demo, lensing, mock
+from klever_nb.io import read_netcdf
 from klever_nb.lensmodels import ParametricLens
 from klever_nb.widgets import LensExplorer
 
-spec = mock.demo_specs()[0]          # z = 1.4 behind an SIE + external shear
-galaxy = mock.make_mock(spec)
-line_maps = fitting.fit_cube(galaxy.cubes["H"].to_dataset(), redshift=spec.redshift,
-                             lines=("NII_6548", "Halpha", "NII_6584", "SII_6717", "SII_6731"))
-cube_wcs = galaxy.cubes["H"].attrs["wcs"]
-galaxy.lens_maps
+cached = demo.demo_galaxy(0)         # z = 1.4 behind an SIE + shear: fitted once, cached on disk
+spec = mock.demo_specs()[0]
+line_maps = read_netcdf(cached.products / "line_maps.nc")[["flux", "flux_err", "snr"]]
+cube_wcs = line_maps.attrs["wcs"]
+lens_maps = mock.lens_maps(spec)     # the mock's deflection maps (D_ls/D_s = 1), no cubes built
+psf_fwhm = lensing.maps_psf_fwhm_arcsec(spec.psf_fwhm_arcsec, line_maps)  # seeing + 0.4" smoothing
+lens_maps
 """),
     md("""
 ## 1. One call: `reconstruct_source_plane`
@@ -280,13 +282,11 @@ The lens maps of the mock are in the `dls_ds` normalisation (Frontier Fields con
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", lensing.NearCriticalWarning)
     source, summary = lensing.reconstruct_source_plane(
-        line_maps, galaxy.lens_maps, redshift=spec.redshift, cube_wcs=cube_wcs,
-        # the maps' PSF: seeing and the 0.4" smoothing of the fit, in quadrature
-        psf_fwhm_arcsec=lensing.maps_psf_fwhm_arcsec(spec.psf_fwhm_arcsec, line_maps),
-        forward_iterations=0)
+        line_maps, lens_maps, redshift=spec.redshift, cube_wcs=cube_wcs,
+        psf_fwhm_arcsec=psf_fwhm, forward_iterations=0)
 print(f"mu(Halpha) = {summary['mu_halpha']:.2f} +- {summary['mu_halpha_err']:.2f} (forward model); "
       f"the paper's mu_halpha_k20 = {summary['mu_halpha_k20']:.2f}, mu_maps_k20 = "
-      f"{summary['mu_maps_k20']:.2f}; true mu of the mock = {galaxy.truth['mu']:.2f}")
+      f"{summary['mu_maps_k20']:.2f}; true mu of the mock = {cached.truth['mu']:.2f}")
 print("source PSF FWHM (kpc):", [round(v, 2) for v in summary["source_psf_fwhm_kpc"]],
       "PA", round(summary["source_psf_pa_deg_east_of_north"]), "deg east of north")
 """),
@@ -302,14 +302,14 @@ Lens models come with uncertainties; K20 take the spread of μ over the models' 
 Here two alternatives change the Einstein radius by ±5 %.
 """),
     code("""
-grid = lensing.as_lens_grid(galaxy.lens_maps)
+grid = lensing.as_lens_grid(lens_maps)
 alternatives = {}
 for factor in (0.95, 1.05):
     components = [dict(c) for c in spec.lens.components]
     components[0]["theta_e"] *= factor
     alternatives[f"SIE θE × {factor}"] = lensing.lens_from_parametric(
         ParametricLens(tuple(components)), grid_like=grid, normalisation="source")
-lenses = {"SIE + shear (mock truth)": galaxy.lens_maps, **alternatives}
+lenses = {"SIE + shear (mock truth)": lens_maps, **alternatives}
 """),
     md("""
 ## 3. Explore image and source plane side by side
@@ -324,7 +324,7 @@ Change the source pixel size or the lens model to reconstruct again.
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", lensing.NearCriticalWarning)
     explorer = LensExplorer(line_maps, lenses, redshift=spec.redshift, cube_wcs=cube_wcs,
-                            psf_fwhm_arcsec=spec.psf_fwhm_arcsec)
+                            psf_fwhm_arcsec=psf_fwhm)
 explorer
 """),
     md("""
