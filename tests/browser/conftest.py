@@ -101,7 +101,7 @@ def isolated_env(tmp: Path) -> dict[str, str]:
     env.update(JUPYTER_RUNTIME_DIR=str(tmp / "runtime"),
                JUPYTERLAB_SETTINGS_DIR=str(tmp / "settings"),
                JUPYTERLAB_WORKSPACES_DIR=str(tmp / "workspaces"),
-               PYTHONUNBUFFERED="1", MPLBACKEND="Agg")
+               PYTHONUNBUFFERED="1")  # kernels keep the inline backend, as a user has
     return env
 
 

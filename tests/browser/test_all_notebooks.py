@@ -14,12 +14,13 @@ import re
 
 import pytest
 
-pytestmark = [
-    pytest.mark.browser, pytest.mark.slow,
-    # first run (issue 17): 00's slider change was not detected within 60 s and 04 logs bqplot
-    # "translate(undefined,...)" console errors; kept visible as XFAIL until fixed
-    pytest.mark.xfail(strict=False, reason="new all-notebook browser checks not yet green"),
-]
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+#: Notebooks whose bqplot figures log 'translate(x,undefined)' console errors (a hidden axis
+#: drawn before its figure has a height; issue 17): everything else in their test passes, the
+#: zero-console-error check does not yet. Kept visible as XFAIL until fixed.
+BQPLOT_CONSOLE_ERRORS = {"01_line_fitting.ipynb", "02_lens_reconstruction.ipynb",
+                         "04_gradients_and_2d_maps.ipynb"}
 
 VIEWPORT = {"width": 1366, "height": 768}
 #: Console messages that are the offline sandbox, not the notebooks (recipe pitfall 7).
@@ -62,7 +63,10 @@ def _run_all(page, base: str, token: str, name: str) -> None:
     page.locator("#jp-main-statusbar >> text=Idle").first.wait_for(timeout=120_000)
 
 
-@pytest.mark.parametrize("name", sorted(INTERACTIONS))
+@pytest.mark.parametrize("name", [
+    pytest.param(name, marks=pytest.mark.xfail(
+        strict=False, reason="bqplot logs 'translate(x,undefined)' console errors (issue 17)"))
+    if name in BQPLOT_CONSOLE_ERRORS else name for name in sorted(INTERACTIONS)])
 def test_notebook_runs_renders_and_answers_in_lab(name, lab_server, browser, artifact_dir,
                                                   request):
     if name.startswith("01") and importlib.util.find_spec("klever_nb.spectra") is None:
