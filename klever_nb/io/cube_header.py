@@ -288,7 +288,7 @@ def _wave_from_header(path, hdul, hdu_name, header,
         spectral.wcs.set()
         native = spectral.all_pix2world(np.arange(n_wave, dtype=np.float64), 0)[0]
         wave_um = (native * u.Unit(spectral.wcs.cunit[0])).to_value(u.um)
-    except Exception as exc:  # wcslib and unit errors are many and varied
+    except (*WCS_ERRORS, u.UnitsError) as exc:  # wcslib errors are ValueErrors
         raise _input_error(path, hdu_name, "CRVAL3/CDELT3/CUNIT3", f"cannot compute the "
                            f"wavelength axis ({exc})", "check the spectral WCS keywords") from exc
     if not np.all(np.isfinite(wave_um)) or np.any(wave_um <= 0):

@@ -159,7 +159,7 @@ class _CubeSource:
     def __del__(self):
         try:
             self.close()
-        except Exception:  # noqa: S110 - interpreter shutdown
+        except OSError:  # already closed, or the interpreter is shutting down
             pass
 
     _DTYPES = {8: ">u1", 16: ">i2", 32: ">i4", 64: ">i8", -32: ">f4", -64: ">f8"}

@@ -44,6 +44,7 @@ from astropy.io import fits
 from scipy.ndimage import median_filter
 from xarray.core import indexing
 
+from klever_nb.celestial import WCS_ERRORS
 from klever_nb.errors import ConfigError, InputError
 from klever_nb.io.cube_header import (
     _WAVE_TABLE_NAMES,
@@ -123,7 +124,7 @@ def _open_fits(path: Path, memmap: bool = False) -> fits.HDUList:
         warnings.simplefilter("always")
         try:
             hdul = fits.open(path, memmap=memmap, lazy_load_hdus=False)
-        except Exception as exc:  # astropy raises OSError, ValueError, TypeError...
+        except (OSError, *WCS_ERRORS) as exc:  # astropy: OSError, ValueError, TypeError...
             raise _input_error(path, None, None, f"not a readable FITS file ({exc})",
                                "give a FITS cube (re-download it if it was truncated)") from exc
     for w in caught:
