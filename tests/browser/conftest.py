@@ -115,7 +115,7 @@ def nb_dir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def lab_server(tmp_path: Path, nb_dir: Path):
+def lab_server(tmp_path: Path, nb_dir: Path, request):
     port, token = free_port(), secrets.token_hex(16)
     cmd = [sys.executable, "-m", "jupyter", "lab", "--no-browser", f"--port={port}",
            "--ServerApp.ip=127.0.0.1", f"--IdentityProvider.token={token}",
@@ -124,7 +124,11 @@ def lab_server(tmp_path: Path, nb_dir: Path):
     if os.geteuid() == 0:  # containers/CI often run as root; jupyter refuses without this
         cmd.append("--allow-root")
     log = open(tmp_path / "lab.log", "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=isolated_env(tmp_path))
+    env = isolated_env(tmp_path)
+    backend = getattr(request.module, "MPLBACKEND", None)  # a module may pin the backend
+    if backend:
+        env["MPLBACKEND"] = backend
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"
     try:
         wait_http(f"{base}/api/status?token={token}", proc)

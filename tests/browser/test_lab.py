@@ -13,6 +13,10 @@ import re
 
 import pytest
 
+#: The spaxel-click test runs notebook 01 with the Agg backend, as it was written: with
+#: inline figures the click on (7, 14) does not reach the map (issue 17, not fixed yet).
+MPLBACKEND = "Agg"
+
 pytestmark = [
     pytest.mark.browser,
     pytest.mark.slow,
