@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
-from test_gradients_forward import GRID, LENS, SHAPE, disc_lines, maps_of
+from test_gradients_forward import GRID, LENS, SHAPE, band_shifted_flux, maps_of
 
 from klever_nb.gradients import forward as fg
 
@@ -22,15 +22,7 @@ def test_band_shifts_are_sampled_with_the_disc_and_the_truth_is_recovered():
     operator = fg.affine_forward(LENS, source_ys_kpc=GRID, source_xs_kpc=GRID, ifu_shape=SHAPE,
                                  pixel_scale_arcsec=0.2, psf_fwhm_arcsec=0.6)
     shift_yx = (0.4, -0.3)
-    theta = np.array([shift_yx[1], shift_yx[0]]) * 0.2
-    moved = fg.AffineLens(kpc_per_arcsec=LENS.kpc_per_arcsec,
-                          mu_tangential=LENS.mu_tangential, mu_radial=LENS.mu_radial,
-                          tangential_angle_deg=LENS.tangential_angle_deg,
-                          source_centre_kpc=tuple(-LENS.jacobian() @ theta
-                                                  * LENS.kpc_per_arcsec))
-    render = dict(ifu_shape=SHAPE, pixel_scale_arcsec=0.2, psf_fwhm_arcsec=0.6)
-    flux = fg.affine_render(LENS, disc_lines(), **render)
-    flux[2:] = fg.affine_render(moved, disc_lines(), **render)[2:]
+    flux = band_shifted_flux(shift_yx)
     sigma = flux[0].max() / 30
     noisy = flux + np.random.default_rng(3).normal(0, sigma, flux.shape)
     maps = maps_of(noisy, sigma).assign_coords(band=("line", ["H", "H", "YJ", "YJ"]))
