@@ -22,7 +22,7 @@ from klever_nb import __version__, constants
 from klever_nb.errors import ConfigError, InputError
 from klever_nb.io import write_json, write_netcdf
 from klever_nb.io.cubes import open_cube
-from klever_nb.stages import _versions
+from klever_nb.provenance import package_versions
 
 __all__ = ["fit_single_cube"]
 
@@ -94,7 +94,7 @@ def fit_single_cube(cube_path: str | Path, *, redshift: float, out_dir: str | Pa
                      "fit": {k: (list(v) if isinstance(v, tuple) else v)
                              for k, v in settings.describe().items()}},
         "cube_attrs": {k: v for k, v in cube.attrs.items() if k != "wcs"},
-        "versions": _versions(),
+        "versions": package_versions(),
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
     }
     write_json(summary, products / "summary.json")

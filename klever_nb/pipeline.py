@@ -46,7 +46,6 @@ from klever_nb.stages import (
     _gradient_stage,
     _lens_stage,
     _metallicity_stage,
-    _versions,
 )
 
 __all__ = [
@@ -56,6 +55,7 @@ __all__ = [
     "fit_single_cube",
     "galaxy_hash",
     "galaxy_input_files",
+    "input_fingerprints",
     "read_galaxy_cubes",
     "read_lens",
     "run_galaxy",
@@ -90,12 +90,19 @@ def galaxy_input_files(cfg: GalaxyConfig) -> list[Path]:
     return files
 
 
-def galaxy_hash(cfg: GalaxyConfig) -> str:
+def input_fingerprints(cfg: GalaxyConfig) -> list[tuple[str, str]]:
+    """(path, SHA-256) of every input file of a galaxy (reads each file once)."""
+    return [(str(p), _file_fingerprint(p)) for p in galaxy_input_files(cfg)]
+
+
+def galaxy_hash(cfg: GalaxyConfig,
+                fingerprints: list[tuple[str, str]] | None = None) -> str:
     """Content hash of a galaxy: package version, analysis settings (with the method) and the
-    SHA-256 of every input file. Stage hashes derive from it; ``klever-nb sample`` uses it
-    as the resume marker."""
-    return _hash(__version__, asdict(cfg.analysis),
-                 [(str(p), _file_fingerprint(p)) for p in galaxy_input_files(cfg)])
+    SHA-256 of every input file (``fingerprints`` when already computed, else read). Stage
+    hashes derive from it; ``klever-nb sample`` uses it as the resume marker."""
+    if fingerprints is None:
+        fingerprints = input_fingerprints(cfg)
+    return _hash(__version__, asdict(cfg.analysis), [list(f) for f in fingerprints])
 
 
 
@@ -213,14 +220,11 @@ _WRITE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQ
                  errno.ENOTDIR, errno.EEXIST, errno.EFBIG}
 
 
-def _write_dataset(ds: xr.Dataset, path: Path, stage_hash: str) -> None:
-    from klever_nb import provenance
-
+def _write_dataset(ds: xr.Dataset, path: Path, stage_hash: str, record: dict) -> None:
+    """A stage's netCDF product with its input hash and provenance (settings, versions,
+    input SHA-256s)."""
     ds = ds.copy()
-    ds.attrs.update(input_hash=stage_hash, klever_nb_version=__version__)
-    record = provenance.read_record(path.parent)  # settings, versions, input SHA-256s
-    if record is not None:
-        ds.attrs["provenance"] = record
+    ds.attrs.update(input_hash=stage_hash, klever_nb_version=__version__, provenance=record)
     write_netcdf(ds, path)
 
 
@@ -268,14 +272,14 @@ def run_galaxy(config_path: str | Path, out_dir: str | Path, *, force: bool = Fa
         products.mkdir(parents=True, exist_ok=True)
     from klever_nb import provenance
 
-    record = provenance.record(asdict(settings), [(str(p), _file_fingerprint(p))
-                                                  for p in galaxy_input_files(cfg)])
+    fingerprints = input_fingerprints(cfg)  # every input file read once, large cubes too
+    record = provenance.record(asdict(settings), fingerprints)
     provenance.check_settings(products, record, force=force)  # no mixing unless --force
     with _writing(products):
         write_json(record, products / provenance.RECORD_NAME)
         for tmp in products.glob(".*.tmp"):  # left by a killed writer (atomic_path)
             tmp.unlink(missing_ok=True)
-    base_hash = galaxy_hash(cfg)
+    base_hash = galaxy_hash(cfg, fingerprints)
     stages = ["line fitting", "source plane", "metallicity", "gradient"]
     bar = tqdm(total=len(stages), desc=cfg.name, disable=(None if progress is None
                                                           else not progress), leave=False)
@@ -284,7 +288,7 @@ def run_galaxy(config_path: str | Path, out_dir: str | Path, *, force: bool = Fa
         return _hash(base_hash, stage)
 
     def write_fit(result: StageResult) -> None:
-        _write_dataset(result.data, products / "line_maps.nc", stage_hash("fit"))
+        _write_dataset(result.data, products / "line_maps.nc", stage_hash("fit"), record)
         shifts = json.loads(result.data.attrs.get("alignment_shifts", "{}"))
         aligned = _aligned_cubes(tree, shifts)
         aligned.attrs.update(input_hash=stage_hash("fit"), provenance=record)
@@ -298,14 +302,15 @@ def run_galaxy(config_path: str | Path, out_dir: str | Path, *, force: bool = Fa
     lensed = _run_stage(
         products, "lens", stage_hash("lens"), force,
         compute=lambda: _lens_stage(fit.data, cfg, lens, alternatives, cube_wcs, tree),
-        write=lambda r: _write_dataset(r.data, products / "source_maps.nc", stage_hash("lens")),
+        write=lambda r: _write_dataset(r.data, products / "source_maps.nc", stage_hash("lens"),
+                                       record),
         read=lambda: read_netcdf(products / "source_maps.nc"), files=("source_maps.nc",))
     bar.update()
     metal = _run_stage(
         products, "metallicity", stage_hash("metallicity"), force,
         compute=lambda: _metallicity_stage(fit.data, lensed.data, cfg, lensed.summary),
         write=lambda r: _write_dataset(r.data, products / "metallicity.nc",
-                                       stage_hash("metallicity")),
+                                       stage_hash("metallicity"), record),
         read=lambda: read_netcdf(products / "metallicity.nc"), files=("metallicity.nc",))
     bar.update()
     gradient = _run_stage(
@@ -326,7 +331,7 @@ def run_galaxy(config_path: str | Path, out_dir: str | Path, *, force: bool = Fa
     summary.update(_band_detection_flags(fit.data, cfg))
     summary["properties"] = cfg.properties
     summary["settings"] = asdict(settings)
-    summary["versions"] = _versions()
+    summary["versions"] = record["versions"]  # provenance.package_versions()
     summary["inputs"] = record["inputs"]  # SHA-256 of every input file
     # wall time per stage (a stage reused from its products counts its reading only)
     summary["timings_s"] = {"total": time.perf_counter() - start, "fit": fit.seconds,

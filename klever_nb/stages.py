@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from klever_nb import __version__, constants
+from klever_nb import constants
 from klever_nb.config import GalaxyConfig
 from klever_nb.errors import KleverError
 
@@ -61,14 +61,6 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, np.ndarray):
         return value.tolist()
     return str(value)
-
-
-def _versions() -> dict[str, str]:
-    import astropy
-    import scipy
-
-    return {"klever_nb": __version__, "numpy": np.__version__, "scipy": scipy.__version__,
-            "astropy": astropy.__version__, "xarray": xr.__version__}
 
 
 def _band_detection_flags(maps: xr.Dataset | None, cfg: GalaxyConfig) -> dict[str, Any]:
